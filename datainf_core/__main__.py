@@ -1,0 +1,3 @@
+from datainf_core.cli import main
+
+raise SystemExit(main())
