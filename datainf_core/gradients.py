@@ -181,6 +181,11 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses and gradient products run in float32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _pad_token_id(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     pad = getattr(config, "pad_token_id", None) if config is not None else None
@@ -195,7 +200,8 @@ def _text_loss_terms(
     input_ids = batch["input_ids"].to(device)  # batch_size x T
     attention_mask = batch["attention_mask"].to(device)  # batch_size x T
     labels = batch["labels"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits.to(_compute_dtype(logits.dtype))  # float32 at least, float64 stays
     if task == "classification":
         # logits: batch_size x num_labels, labels: batch_size
         yield F.cross_entropy(logits, labels, reduction="none")
@@ -224,6 +230,7 @@ def _diffusion_loss_terms(
 ) -> Iterator[torch.Tensor]:
     """Yields per-sample noise-prediction losses (``batch_size``,), one UNet forward per timestep."""
     dtype = _model_dtype(model)
+    compute = _compute_dtype(dtype)
     batch = collate_examples(examples)
     pixels = batch["pixel_values"].to(device)  # batch_size x C x H x W
     context = batch["encoder_hidden_states"].to(device=device, dtype=dtype)  # batch_size x S x D
@@ -231,13 +238,13 @@ def _diffusion_loss_terms(
         if settings.vae is not None:
             vae = settings.vae
             latent_dist = vae.encode(pixels.to(_model_dtype(vae))).latent_dist
-            latents = latent_dist.mean.float() * float(vae.config.scaling_factor)
+            latents = latent_dist.mean.to(compute) * float(vae.config.scaling_factor)
         else:
-            latents = pixels.float()  # batch_size x C x H x W
+            latents = pixels.to(compute)  # batch_size x C x h x w
     count = len(settings.timesteps)
     noise = torch.stack(
         [_sample_noise(int(seed), latents.shape[1:], count) for seed in batch["seed"]], dim=1
-    ).to(device)  # timesteps x batch_size x C x h x w
+    ).to(device=device, dtype=compute)  # timesteps x batch_size x C x h x w
     scheduler = settings.noise_scheduler
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     weight = 1.0 / count if settings.reduction == "mean" else 1.0
@@ -257,7 +264,7 @@ def _diffusion_loss_terms(
                 "use 'epsilon', 'v_prediction' or 'sample'"
             )
         prediction = model(noisy.to(dtype), timesteps, encoder_hidden_states=context).sample
-        error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        error = F.mse_loss(prediction.to(compute), target.to(compute), reduction="none")
         yield weight * error.flatten(1).mean(dim=1)  # batch_size
 
 
@@ -411,13 +418,14 @@ def _accumulate_linear(
             f"layer input has leading dimension {x.shape[0]}, not the batch size {rows}; "
             "collect these gradients with method='loop'"
         )
-    x = x.reshape(rows, -1, x.shape[-1]).float()  # batch_size x T x d_in
-    g = g.reshape(rows, -1, g.shape[-1]).float()  # batch_size x T x d_out
+    compute = _compute_dtype(x.dtype)
+    x = x.reshape(rows, -1, x.shape[-1]).to(compute)  # batch_size x T x d_in
+    g = g.reshape(rows, -1, g.shape[-1]).to(compute)  # batch_size x T x d_out
     if entry.weight_name is not None:
         weight = torch.bmm(g.transpose(1, 2), x)  # batch_size x d_out x d_in
-        block_rows[entry.weight_name] += weight.reshape(rows, -1)
+        block_rows[entry.weight_name] += weight.reshape(rows, -1).float()
     if entry.bias_name is not None:
-        block_rows[entry.bias_name] += g.sum(dim=1)  # batch_size x d_out
+        block_rows[entry.bias_name] += g.sum(dim=1).float()  # batch_size x d_out
 
 
 # --------------------------------------------------------------------------------------------
