@@ -1,0 +1,386 @@
+"""On-disk store of per-sample gradients: safetensors shards plus a JSON manifest.
+
+Layout of one store (``<store_dir>/<key hash>/``)::
+
+    manifest.json             key, key hash, n, shard size, block names and widths, and for every
+                              complete shard its file name, rows and SHA-256
+    shard-00000.safetensors   rows [0, shard_size) of every block (float32) and their losses
+    shard-00001.safetensors   ...
+
+The key hash covers the caller's key (model, adapter, data, settings), the task, the adapter
+blocks and a fingerprint of the examples, so a rerun with the same inputs reuses the store, and a
+run interrupted between shards resumes after the last complete one. A shard whose checksum does
+not match its manifest entry is recomputed, never read.
+
+Reading is lazy: ``store[name]`` is a :class:`GradientBlock` whose ``[start:stop]`` slice reads
+only the rows asked for, from the shards that hold them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from datainf_core.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+LOSS_KEY = "__per_sample_loss__"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def examples_fingerprint(examples: Sequence[dict[str, Any]]) -> str:
+    """SHA-256 over every example's keys, dtypes, shapes and values (order matters)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for key in sorted(example):
+            value = example[key]
+            digest.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                tensor = value.detach().cpu().contiguous()
+                digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(repr(value).encode())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def key_hash(key: Mapping[str, Any]) -> str:
+    """The hex SHA-256 of a key (a JSON-ready mapping), independent of key order."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Shard:
+    index: int
+    file: str
+    start: int
+    stop: int
+    sha256: str
+
+
+class GradientBlock:
+    """Lazy view of one block's per-sample gradients (``n x d_block`` float32) in a store."""
+
+    def __init__(self, store: GradientStore, name: str) -> None:
+        self._store = store
+        self.name = name
+        self.shape = (store.n, store.block_dims[name])
+        self.dtype = torch.float32
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        """Always 2."""
+        return 2
+
+    def __getitem__(self, index: slice | int) -> torch.Tensor:
+        """Rows ``[start:stop]`` (step 1) as a ``rows x d_block`` float32 tensor; an int gives one row."""
+        if isinstance(index, int):
+            row = index + self.shape[0] if index < 0 else index
+            if not 0 <= row < self.shape[0]:
+                raise IndexError(f"row {index} out of range for {self.shape[0]} samples")
+            return self._store._read_rows(self.name, row, row + 1)[0]
+        if not isinstance(index, slice):
+            raise TypeError(f"a gradient block takes an int or a slice, got {type(index).__name__}")
+        start, stop, step = index.indices(self.shape[0])
+        if step != 1:
+            raise ValueError(f"a gradient block slice needs step 1, got {step}")
+        return self._store._read_rows(self.name, start, max(start, stop))
+
+    def __repr__(self) -> str:
+        return f"GradientBlock({self.name!r}, shape={self.shape})"
+
+
+class GradientStore(Mapping[str, GradientBlock]):
+    """A complete on-disk gradient store: block name → lazy ``n x d_block`` block.
+
+    Attributes:
+        path: The store folder (holds ``manifest.json`` and the shards).
+        n: Number of samples.
+        block_dims: Block name → width ``d_block``, in the model's parameter order.
+        manifest: The parsed manifest.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.n = int(manifest["n"])
+        self.block_dims: dict[str, int] = {k: int(v) for k, v in manifest["blocks"].items()}
+        self._shards = [_Shard(**s) for s in manifest["shards"]]
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = True) -> GradientStore:
+        """Opens a complete store folder.
+
+        Args:
+            path: Folder with ``manifest.json``.
+            verify: Check every shard's SHA-256 against the manifest (reads every byte once).
+
+        Raises:
+            StoreError: No manifest, an incomplete store, or a missing or corrupt shard.
+        """
+        folder = Path(path)
+        manifest = _read_manifest(folder)
+        if manifest is None:
+            raise StoreError(
+                f"no readable gradient store manifest in {folder}; collect the gradients first "
+                "(collect_gradients_to_store) or pass the store's folder"
+            )
+        if not manifest.get("complete"):
+            raise StoreError(
+                f"gradient store {folder} is incomplete ({len(manifest['shards'])} shards); "
+                "rerun collect_gradients_to_store with the same key to resume it"
+            )
+        if verify:
+            for shard in manifest["shards"]:
+                if not _shard_ok(folder, shard):
+                    raise StoreError(
+                        f"gradient shard {folder / shard['file']} is missing or corrupt; rerun "
+                        "collect_gradients_to_store with the same key to recompute it"
+                    )
+        return cls(folder, manifest)
+
+    def __getitem__(self, name: str) -> GradientBlock:
+        if name not in self.block_dims:
+            raise KeyError(name)
+        return GradientBlock(self, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.block_dims)
+
+    def __len__(self) -> int:
+        return len(self.block_dims)
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """The per-sample training losses collected with the gradients, float32 of shape ``n``."""
+        return self._read_rows(LOSS_KEY, 0, self.n)
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Reads every block into memory: block name → ``n x d_block`` float32 tensor."""
+        return {name: self[name][:] for name in self}
+
+    def _read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        width = self.block_dims.get(name)
+        pieces: list[torch.Tensor] = []
+        for shard in self._shards:
+            if shard.stop <= start or shard.start >= stop:
+                continue
+            lo, hi = max(start, shard.start) - shard.start, min(stop, shard.stop) - shard.start
+            with safe_open(self.path / shard.file, framework="pt") as handle:
+                pieces.append(handle.get_slice(name)[lo:hi])
+        if not pieces:
+            shape = (0,) if width is None else (0, width)
+            return torch.zeros(shape, dtype=torch.float32)
+        return torch.cat(pieces).to(torch.float32)
+
+    def __repr__(self) -> str:
+        return f"GradientStore({str(self.path)!r}, n={self.n}, blocks={len(self)})"
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        logger.warning("Ignoring an unreadable manifest %s", path)
+        return None
+    if manifest.get("format") != FORMAT_VERSION:
+        return None
+    return manifest
+
+
+def _shard_ok(folder: Path, shard: Mapping[str, Any]) -> bool:
+    path = folder / shard["file"]
+    return path.is_file() and _sha256_file(path) == shard["sha256"]
+
+
+def collect_gradients_to_store(
+    model: nn.Module,
+    examples: Sequence[dict[str, Any]],
+    store_dir: str | Path,
+    *,
+    key: Mapping[str, str],
+    task: str,
+    shard_size: int = 256,
+    include: Sequence[str] | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    diffusion: Any = None,
+    method: str = "auto",
+    progress: Any = None,
+) -> GradientStore:
+    """Collects per-sample gradients into an on-disk store, reusing or resuming a previous run.
+
+    The store lives in ``store_dir/<hash>`` where the hash covers ``key``, the task, the adapter
+    blocks, the diffusion settings and a fingerprint of ``examples``. Shards that are complete and
+    pass their checksum are kept; the rest are (re)computed, one shard of ``shard_size`` samples at
+    a time, each written atomically and then recorded in the manifest.
+
+    Args:
+        model: PEFT-adapted model (see :func:`datainf_core.gradients.collect_gradients`).
+        examples: ``n`` examples for ``task``.
+        store_dir: Parent folder of stores (e.g. the project's gradients folder).
+        key: Strings describing model, adapter, data and settings (saved in the manifest).
+        task: ``"classification"``, ``"generation"`` or ``"text-to-image"``.
+        shard_size: Samples per shard file.
+        include, batch_size, device, diffusion, method: As in ``collect_gradients``.
+        progress: Called as ``progress(done, total)`` in samples (cached shards count as done).
+
+    Returns:
+        The complete :class:`GradientStore`.
+
+    Raises:
+        StoreError: ``shard_size`` is not positive, or the folder cannot be written.
+    """
+    from datainf_core.gradients import adapter_parameters, collect_gradients_and_losses
+
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise StoreError(f"shard_size should be a positive integer, got {shard_size!r}; pass 256")
+    n = len(examples)
+    params = adapter_parameters(model, include)
+    blocks = {name: int(p.numel()) for name, p in params.items()}
+    full_key = {
+        "key": {str(k): str(v) for k, v in key.items()},
+        "task": task,
+        "blocks": blocks,
+        "diffusion": None if diffusion is None else diffusion.describe(),
+        "examples": examples_fingerprint(examples),
+        "n": n,
+        "shard_size": shard_size,
+    }
+    digest = key_hash(full_key)
+    folder = Path(store_dir) / digest[:20]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create gradient store folder {folder} ({exc.strerror}); pass a writable "
+            "store_dir"
+        ) from exc
+    manifest = _read_manifest(folder)
+    if manifest is None or manifest.get("hash") != digest:
+        manifest = {
+            "format": FORMAT_VERSION,
+            "hash": digest,
+            "key": full_key["key"],
+            "task": task,
+            "n": n,
+            "shard_size": shard_size,
+            "blocks": blocks,
+            "examples": full_key["examples"],
+            "diffusion": full_key["diffusion"],
+            "shards": [],
+            "complete": False,
+        }
+    # 1. Keep the shards whose file is present and matches its checksum.
+    kept: dict[int, dict[str, Any]] = {}
+    for shard in manifest["shards"]:
+        if _shard_ok(folder, shard):
+            kept[int(shard["index"])] = shard
+        else:
+            logger.warning("Gradient shard %s is missing or corrupt: recomputing it", shard["file"])
+    count = (n + shard_size - 1) // shard_size
+    if len(kept) == count and manifest.get("complete"):
+        logger.info("Gradient store cache hit: %s (%d samples)", folder, n)
+        if progress is not None:
+            progress(n, n)
+        return GradientStore(folder, manifest)
+    manifest["shards"] = [kept[i] for i in sorted(kept)]
+    manifest["complete"] = False
+    _write_json_atomic(folder / MANIFEST, manifest)
+    # 2. Compute the missing shards in order, recording each one once its file is on disk.
+    began = time.perf_counter()
+    done = sum(int(s["stop"]) - int(s["start"]) for s in kept.values())
+    for index in range(count):
+        if index in kept:
+            continue
+        start, stop = index * shard_size, min(n, (index + 1) * shard_size)
+
+        def shard_progress(rows: int, _total: int, offset: int = done) -> None:
+            if progress is not None:
+                progress(offset + rows, n)
+
+        grads, losses = collect_gradients_and_losses(
+            model,
+            examples[start:stop],
+            task=task,
+            include=include,
+            batch_size=batch_size,
+            device=device,
+            diffusion=diffusion,
+            method=method,
+            progress=shard_progress,
+        )
+        kept[index] = _write_shard(folder, index, start, stop, grads, losses)
+        manifest["shards"] = [kept[i] for i in sorted(kept)]
+        manifest["complete"] = len(kept) == count
+        _write_json_atomic(folder / MANIFEST, manifest)
+        done += stop - start
+    logger.info(
+        "Gradient store %s written (%d samples, %d shards) in %.2f seconds",
+        folder,
+        n,
+        count,
+        time.perf_counter() - began,
+    )
+    return GradientStore(folder, manifest)
+
+
+def _write_shard(
+    folder: Path,
+    index: int,
+    start: int,
+    stop: int,
+    grads: Mapping[str, torch.Tensor],
+    losses: torch.Tensor,
+) -> dict[str, Any]:
+    """Writes one shard atomically; returns its manifest entry."""
+    name = f"shard-{index:05d}.safetensors"
+    tensors = {block: value.contiguous() for block, value in grads.items()}
+    tensors[LOSS_KEY] = losses.to(torch.float32).contiguous()
+    tmp = folder / (name + ".tmp")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, folder / name)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot write gradient shard {folder / name} ({exc.strerror}); free disk space or "
+            "pass another store_dir"
+        ) from exc
+    entry = _Shard(index, name, start, stop, _sha256_file(folder / name))
+    return asdict(entry)
