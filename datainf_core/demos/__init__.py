@@ -1,0 +1,1 @@
+"""Built-in offline demos: text classification (``text``), generation, text-to-image (``image``)."""
