@@ -105,7 +105,7 @@ _TYPES: dict[str, dict[str, str]] = {
         "image_column": "str?",
         "caption_column": "str?",
         "category_column": "str?",
-        "labels": "list[str]?",
+        "labels": "list[label]?",
         "max_length": "int",
     },
     "influence": {"loss_tokens": "str", "include": "list[str]?", "batch_size": "int"},
@@ -164,6 +164,11 @@ def _check_type(table: str, key: str, value: Any, expected: str) -> None:
         ok = isinstance(value, bool)
     elif kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "list[label]":  # integer labels are accepted and kept as strings
+        ok = isinstance(value, list) and all(
+            isinstance(item, str) or (isinstance(item, int) and not isinstance(item, bool))
+            for item in value
+        )
     else:  # list[str]
         ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
     if not ok:
@@ -190,7 +195,10 @@ def _parse_table(table: str, raw: Any) -> dict[str, Any]:
                 f"project.toml: unknown key {key!r} {where}; allowed keys: {', '.join(allowed)}"
             )
         _check_type(table, key, value, allowed[key])
-    return dict(raw)
+    values = dict(raw)
+    if isinstance(values.get("labels"), list):
+        values["labels"] = [str(label) for label in values["labels"]]
+    return values
 
 
 def _is_local_path(value: str) -> bool:
@@ -300,11 +308,12 @@ class Project:
         if self.influence.batch_size < 1:
             raise ProjectError(
                 f"project.toml: [influence] batch_size must be at least 1, got "
-                f"{self.influence.batch_size}"
+                f"{self.influence.batch_size}; e.g. batch_size = 16"
             )
         if self.data.max_length < 2:
             raise ProjectError(
-                f"project.toml: [data] max_length must be at least 2, got {self.data.max_length}"
+                f"project.toml: [data] max_length must be at least 2, got {self.data.max_length}; "
+                "e.g. max_length = 128"
             )
         for column in REQUIRED_COLUMNS[self.task]:
             value = getattr(self.data, column)
@@ -578,6 +587,9 @@ def create_project(
         ),
         influence=InfluenceSettings(**tables["influence"]),
     )
+    if project.data.labels is not None:
+        _check_type("data", "labels", project.data.labels, _TYPES["data"]["labels"])
+        project.data.labels = [str(label) for label in project.data.labels]
     if task == "classification" and project.data.labels is None:
         project.data.labels = _infer_labels(project)
     for table in ("model", "data", "influence"):
