@@ -228,11 +228,10 @@ def validate_table(project: Project, df: pd.DataFrame, *, what: str, path: Path)
                 f"{missing[0]}; fill or remove those rows"
             )
     if "id" in df.columns:
-        duplicated = df["id"][df["id"].duplicated()]
-        if len(duplicated):
+        duplicated = df["id"][df["id"].duplicated()].tolist()  # plain Python values
+        if duplicated:
             raise DataError(
-                f"{what} {path}: id {duplicated.iloc[0]!r} appears more than once; ids must be "
-                "unique"
+                f"{what} {path}: id {duplicated[0]!r} appears more than once; ids must be unique"
             )
     if project.task == "classification":
         labels = project.data.labels or []
