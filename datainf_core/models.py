@@ -214,20 +214,40 @@ def _read_adapter_config(adapter: Path) -> dict[str, Any]:
     return config
 
 
+def _tail(value: str) -> str:
+    return value.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+
+def _same_files(first: Path, second: Path) -> bool:
+    """Two model folders with the same config.json and the same weight file sizes."""
+    config_a, config_b = first / "config.json", second / "config.json"
+    if not (config_a.is_file() and config_b.is_file()):
+        return False
+    if config_a.read_bytes() != config_b.read_bytes():
+        return False
+
+    def sizes(folder: Path) -> list[tuple[str, int]]:
+        return sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors"))
+
+    return sizes(first) == sizes(second)
+
+
 def _same_model(recorded: str, project: Project) -> bool:
-    """Whether the adapter's recorded base is the project's base (same path, id or folder name)."""
+    """Whether the adapter's recorded base is the project's base.
+
+    Same when the strings or resolved paths are equal, when the last path components agree (a moved
+    or copied folder, a local copy of a hub id, e.g. ``all-MiniLM-L6-v2``), or when both are local
+    folders with identical ``config.json`` and weight file sizes.
+    """
     current = project.base_location
-    if recorded == current or recorded == project.model.base:
+    if recorded in (current, project.model.base) or _tail(recorded) == _tail(current):
         return True
     recorded_path = Path(recorded).expanduser()
-    if recorded_path.exists() and Path(current).exists():
-        return recorded_path.resolve() == Path(current).resolve()
-
-    # A moved folder or a path vs hub id: compare the last component (e.g. all-MiniLM-L6-v2).
-    def tail(value: str) -> str:
-        return value.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
-
-    return tail(recorded) == tail(current)
+    if recorded_path.is_dir() and Path(current).is_dir():
+        if recorded_path.resolve() == Path(current).resolve():
+            return True
+        return _same_files(recorded_path, Path(current))
+    return False
 
 
 def _adapter_tensor_names(adapter: Path, *, allow_pickle: bool) -> list[str]:
