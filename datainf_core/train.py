@@ -352,6 +352,7 @@ def train_adapter(
     out_dir: str | os.PathLike[str] | None = None,
     train_df: pd.DataFrame | None = None,
     progress: Progress | None = None,
+    update_project: bool = True,
 ) -> TrainResult:
     """Fine-tunes a fresh LoRA adapter on the project's train set, saves it, points the project at it.
 
@@ -363,6 +364,8 @@ def train_adapter(
         train_df: A training table to use instead of the project's train file (e.g. a cleaned
             export); same columns.
         progress: Called as ``progress(done_steps, total_steps, stage)`` after every step.
+        update_project: Point ``project.toml`` at the new adapter (False leaves it untouched,
+            e.g. for a retraining experiment).
 
     Returns:
         The adapter folder, the per-epoch history and the kept epoch's validation figures.
@@ -426,8 +429,9 @@ def train_adapter(
     out_path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(os.fspath(out_path), safe_serialization=True)
     _write_settings(out_path, settings, history, kept)
-    project.model.adapter = _store_adapter_path(project, out_path)
-    project.save()
+    if update_project:
+        project.model.adapter = _store_adapter_path(project, out_path)
+        project.save()
     best = history[kept - 1]
     seconds = time.perf_counter() - began
     logger.info(

@@ -1,0 +1,256 @@
+"""Acceptance figures of the offline text demo (issue 4): detection AUC per signal, both regimes.
+
+For each seed, builds the demo twice (``build_text_demo``: stopped at the best validation loss,
+and ``overfit=True``: trained on until it fits the flipped labels), runs the influence methods
+through ``runs.execute_run`` (gradients, scores, self-influence, training loss), and reports:
+
+- every signal's detection ROC-AUC, the combined ranking's AUC and its gap to the best single
+  signal (acceptance: gap <= 0.02 in both regimes),
+- a few candidate combinations side by side (how ``combined_ranking`` was chosen),
+- the time of each step,
+- the retraining experiment (first seed, default regime): retrain without the top-ranked
+  suspects vs without as many random samples; validation accuracy of each.
+
+    .venv/bin/python bench/bench_text_demo.py                      # seeds 0 and 1, size 2000
+    .venv/bin/python bench/bench_text_demo.py --seeds 0 --size 600 # quicker
+
+Demo folders are kept in ``--workdir`` and reused when already built (pass ``--rebuild`` to
+start over). Results go to bench/results/text_demo.json, rewritten after every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from datainf_core import evaluate, runs  # noqa: E402
+from datainf_core.demos.text import build_text_demo, demo_train_settings  # noqa: E402
+from datainf_core.project import load_project  # noqa: E402
+from datainf_core.train import train_adapter  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "results" / "text_demo.json"
+BUILD_INFO = "bench_build.json"
+METHODS = ["datainf", "hessian_free", "lissa", "exact"]
+TOLERANCE = 0.02
+
+log = logging.getLogger("bench_text_demo")
+
+
+def candidate_rankings(signals: pd.DataFrame) -> dict[str, pd.Series]:
+    """Combinations compared while choosing ``combined_ranking`` (plus the one in use)."""
+    influence = [c for c in signals.columns if c in METHODS or c.endswith("_cosine")]
+    everything = [c for c in evaluate.signal_columns(signals) if c != "combined"]
+    out = {"combined (in use)": evaluate.combined_ranking(signals)}
+    out["rank mean: all signals"] = evaluate.combined_ranking(
+        signals, weights=dict.fromkeys(everything, 1.0)
+    )
+    out["rank mean: train_loss + influence"] = evaluate.combined_ranking(
+        signals, weights=dict.fromkeys(["train_loss", *influence], 1.0)
+    )
+    out["rank mean: train_loss + datainf"] = evaluate.combined_ranking(
+        signals, weights={"train_loss": 1.0, "datainf": 1.0}
+    )
+    out["rank mean: train_loss + self_influence"] = evaluate.combined_ranking(
+        signals, weights={"train_loss": 1.0, "self_influence": 1.0}
+    )
+    return out
+
+
+def build(root: Path, *, size: int, seed: int, overfit: bool, rebuild: bool) -> dict[str, Any]:
+    """Builds the demo into ``root`` (or reuses a finished build); returns its build record."""
+    info_path = root / BUILD_INFO
+    if info_path.is_file() and not rebuild:
+        info = json.loads(info_path.read_text())
+        info["reused"] = True
+        return info
+    if root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    began = time.perf_counter()
+    last = [0.0]
+
+    def progress(done: int, total: int, stage: str = "") -> None:
+        if time.perf_counter() - last[0] > 30:
+            last[0] = time.perf_counter()
+            log.info("  %s: %d/%d", stage, done, total)
+
+    build_text_demo(root, size=size, seed=seed, overfit=overfit, progress=progress)
+    seconds = time.perf_counter() - began
+    train_info = json.loads((root / "adapter" / "train_settings.json").read_text())
+    history = train_info["history"]
+    kept = history[train_info["kept_epoch"] - 1]
+    info = {
+        "seconds": round(seconds, 1),
+        "epochs_trained": len(history),
+        "kept_epoch": train_info["kept_epoch"],
+        "val_loss": round(kept["val_loss"], 4),
+        "val_accuracy": kept["val_accuracy"],
+        "train_accuracy_on_given_labels": kept["train_accuracy"],
+        "history": history,
+    }
+    info_path.write_text(json.dumps(info, indent=2))
+    info["reused"] = False
+    return info
+
+
+def run_signals(root: Path, methods: list[str]) -> tuple[pd.DataFrame, dict[str, Any], str]:
+    """Runs the influence methods on the demo (or reuses the latest finished run)."""
+    project = load_project(root)
+    run_id = runs.latest_run(project)
+    if run_id is None:
+        settings = runs.RunSettings(methods=list(methods), device="cpu")
+        folder = runs.execute_run(project, settings)
+        run_id = folder.name
+    signals = runs.load_signals(project, run_id).drop(columns=["combined"], errors="ignore")
+    timings = runs.load_timings(project, run_id)
+    return signals, timings, run_id
+
+
+def detection_table(signals: pd.DataFrame, truth: np.ndarray) -> dict[str, Any]:
+    """AUC of every single signal and of every candidate combination."""
+    singles = {
+        name: round(evaluate.detection_auc(signals[name], truth), 4)
+        for name in evaluate.signal_columns(signals)
+    }
+    combos = {
+        name: round(evaluate.detection_auc(values, truth), 4)
+        for name, values in candidate_rankings(signals).items()
+    }
+    best = max(singles, key=lambda name: singles[name])
+    combined = combos["combined (in use)"]
+    return {
+        "single": singles,
+        "combinations": combos,
+        "best_single": best,
+        "best_single_auc": singles[best],
+        "combined_auc": combined,
+        "gap": round(singles[best] - combined, 4),
+        "within_tolerance": bool(singles[best] - combined <= TOLERANCE),
+    }
+
+
+def retrain_experiment(root: Path, signals: pd.DataFrame, *, seed: int) -> dict[str, Any]:
+    """Retrains without the top-k suspects vs without k random samples (k = flipped count)."""
+    project = load_project(root)
+    train_df = pd.read_csv(project.train_path)
+    truth = train_df["is_noisy"].to_numpy(dtype=bool)
+    k = int(truth.sum())
+    combined = evaluate.combined_ranking(signals).to_numpy()
+    order = signals["train_index"].to_numpy()[np.argsort(-combined, kind="stable")]
+    suspects = order[:k]
+    rng = np.random.default_rng(seed + 1000)
+    random_drop = rng.choice(len(train_df), size=k, replace=False)
+    out: dict[str, Any] = {
+        "dropped": k,
+        "flipped_among_suspects": int(truth[suspects].sum()),
+        "flipped_among_random": int(truth[random_drop].sum()),
+    }
+    info = json.loads((root / BUILD_INFO).read_text())
+    out["full_train_set"] = {"val_accuracy": info["val_accuracy"], "val_loss": info["val_loss"]}
+    settings = demo_train_settings(seed=seed)
+    for name, drop in (("without_top_suspects", suspects), ("without_random", random_drop)):
+        kept_df = train_df.drop(index=drop).reset_index(drop=True)
+        began = time.perf_counter()
+        result = train_adapter(
+            project,
+            settings,
+            out_dir=root / f"retrain_{name}",
+            train_df=kept_df,
+            update_project=False,
+        )
+        out[name] = {
+            "val_accuracy": result.val_accuracy,
+            "val_loss": round(result.best_val_loss or float("nan"), 4),
+            "epochs": len(result.history),
+            "seconds": round(time.perf_counter() - began, 1),
+        }
+        log.info("retrain %s: validation accuracy %s", name, result.val_accuracy)
+    return out
+
+
+def save(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--regimes", nargs="+", default=["default", "overfit"])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/datainf_text_bench"))
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--skip-retrain", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    results: dict[str, Any] = (
+        json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
+    )
+    results.update({"size": args.size, "methods": args.methods, "tolerance": TOLERANCE})
+    results.setdefault("runs", {})
+    for seed in args.seeds:
+        for regime in args.regimes:
+            key = f"seed{seed}/{regime}"
+            root = args.workdir / f"seed{seed}-{regime}-n{args.size}"
+            log.info("== %s: building in %s", key, root)
+            info = build(
+                root, size=args.size, seed=seed, overfit=regime == "overfit", rebuild=args.rebuild
+            )
+            signals, timings, run_id = run_signals(root, args.methods)
+            truth = pd.read_csv(root / "train.csv")["is_noisy"].to_numpy(dtype=bool)
+            truth = truth[signals["train_index"].to_numpy()]
+            table = detection_table(signals, truth)
+            results["runs"][key] = {
+                "build": {k: v for k, v in info.items() if k != "history"},
+                "run_id": run_id,
+                "run_seconds": timings,
+                "detection": table,
+            }
+            print(
+                f"\n{key}: build {info['seconds']} s (val acc {info['val_accuracy']}, "
+                f"epoch {info['kept_epoch']}/{info['epochs_trained']}), run "
+                f"{round(sum(timings.values()), 1)} s"
+            )
+            for name, auc in table["single"].items():
+                print(f"  {name:>22}: {auc:.4f}")
+            for name, auc in table["combinations"].items():
+                print(f"  {name:>40}: {auc:.4f}")
+            print(
+                f"  gap best single ({table['best_single']}) - combined = {table['gap']:+.4f} "
+                f"({'OK' if table['within_tolerance'] else 'OVER'} {TOLERANCE})"
+            )
+            save(results, args.out)
+            if seed == args.seeds[0] and regime == "default" and not args.skip_retrain:
+                retrain = retrain_experiment(root, signals, seed=seed)
+                results["retrain"] = {"seed": seed, **retrain}
+                print(f"  retrain: {json.dumps(retrain)}")
+                save(results, args.out)
+    checks = [r["detection"]["within_tolerance"] for r in results["runs"].values()]
+    results["all_within_tolerance"] = bool(checks) and all(checks)
+    save(results, args.out)
+    print(
+        f"\ncombined within {TOLERANCE} of the best single signal everywhere: "
+        f"{results['all_within_tolerance']}; results in {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
