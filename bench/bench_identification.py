@@ -1,0 +1,218 @@
+"""Identification table (the paper's Table 2 protocol) on the generation and image demos.
+
+For each seed the demo is built (cached under --work), per-sample gradients of the training and
+test samples are collected, and every influence method (plain and cosine / unit-norm) scores
+every (test, train) pair. Per test sample: ROC-AUC of "same category" against the negated score
+and recall of same-category samples in the top k (k = training samples per category); the table
+gives the mean over test samples, then mean ± std (and min..max) over seeds.
+
+    .venv/bin/python bench/bench_identification.py --task image --seeds 0 1 2
+    .venv/bin/python bench/bench_identification.py --task generation --seeds 0 1 2
+
+Results go to bench/results/identification.json (merged with what is there: rerunning one task or
+seed keeps the others). Generation is measured with the prompt loss (the demo's default, the
+paper's setting) and the response loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger("bench_identification")
+
+
+def _categories(df: Any, column: str) -> np.ndarray:
+    return df[column].astype(str).to_numpy()
+
+
+def _gradients_generation(
+    project: Any, loss_tokens: str
+) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    from datainf_core import data, gradients, models
+
+    tokenizer = models.load_tokenizer(project)
+    model = models.load_adapted_model(project, device="cpu", is_trainable=True)
+    train_df = data.load_split(project, "train")
+    test_df = data.load_split(project, "validation")
+    common = {"task": "generation", "batch_size": 8, "device": "cpu"}
+    train = gradients.collect_gradients(
+        model, data.build_examples(project, train_df, tokenizer, loss_tokens=loss_tokens), **common
+    )
+    query = gradients.collect_gradients(
+        model, data.build_examples(project, test_df, tokenizer, loss_tokens=loss_tokens), **common
+    )
+    column = project.data.category_column
+    return train, query, _categories(train_df, column), _categories(test_df, column)
+
+
+def _gradients_image(project: Any) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    from datainf_core import data, diffusion, gradients
+
+    bundle = diffusion.load_diffusion(project, device="cpu")
+    settings = gradients.DiffusionLossSettings(
+        noise_scheduler=bundle.noise_scheduler,
+        vae=bundle.vae,
+        timesteps=tuple(diffusion.default_timesteps(bundle.noise_scheduler)),
+    )
+    train_df = data.load_split(project, "train")
+    test_df = data.load_split(project, "validation")
+    common = {"task": "text-to-image", "batch_size": 16, "device": "cpu", "diffusion": settings}
+    train = gradients.collect_gradients(
+        bundle.unet, diffusion.build_image_examples(project, train_df, bundle), **common
+    )
+    query = gradients.collect_gradients(
+        bundle.unet, diffusion.build_image_examples(project, test_df, bundle), **common
+    )
+    column = project.data.category_column
+    return train, query, _categories(train_df, column), _categories(test_df, column)
+
+
+def score_all(
+    train: dict, query: dict, train_cat: np.ndarray, query_cat: np.ndarray, methods: list[str]
+) -> dict[str, dict[str, float]]:
+    """Identification metrics of every method and its cosine variant."""
+    from datainf_core.evaluate import identification_metrics
+    from datainf_core.influence import compute_influence
+
+    out = {}
+    for method in methods:
+        for unit_norm in (False, True):
+            name = method + ("_cosine" if unit_norm else "")
+            began = time.perf_counter()
+            scores = compute_influence(
+                train, query, method=method, aggregate=None, unit_norm=unit_norm
+            )  # m x n
+            metrics = identification_metrics(scores, train_cat, query_cat)
+            metrics["seconds"] = round(time.perf_counter() - began, 2)
+            out[name] = {k: float(v) for k, v in metrics.items()}
+            logger.info(
+                "%s: AUC %.3f ± %.3f, recall %.3f (%.1f s)",
+                name,
+                metrics["auc_mean"],
+                metrics["auc_std"],
+                metrics["recall_mean"],
+                metrics["seconds"],
+            )
+    return out
+
+
+def build(task: str, seed: int, work: Path) -> tuple[Any, float]:
+    began = time.perf_counter()
+    if task == "generation":
+        from datainf_core.demos.generation import build_generation_demo
+
+        project = build_generation_demo(work / f"generation-seed{seed}", seed=seed)
+    else:
+        from datainf_core.demos.image import build_image_demo
+
+        project = build_image_demo(work / f"image-seed{seed}", seed=seed)
+    return project, time.perf_counter() - began
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Mean ± std and min..max over seeds of each (task, setting, method)."""
+    table: dict[str, Any] = {}
+    for key, per_seed in results["runs"].items():
+        task, setting = key.split("/")
+        methods = sorted({m for run in per_seed.values() for m in run["methods"]})
+        for method in methods:
+            aucs = [
+                r["methods"][method]["auc_mean"]
+                for r in per_seed.values()
+                if method in r["methods"]
+            ]
+            recalls = [
+                r["methods"][method]["recall_mean"]
+                for r in per_seed.values()
+                if method in r["methods"]
+            ]
+            table[f"{task}/{setting}/{method}"] = {
+                "seeds": len(aucs),
+                "auc_mean": float(np.mean(aucs)),
+                "auc_std": float(np.std(aucs)),
+                "auc_min": float(np.min(aucs)),
+                "auc_max": float(np.max(aucs)),
+                "recall_mean": float(np.mean(recalls)),
+                "recall_std": float(np.std(recalls)),
+            }
+    return table
+
+
+def print_table(table: dict[str, Any]) -> None:
+    print(
+        f"{'task/setting/method':<44} {'seeds':>5} {'AUC mean ± std':>16} {'min..max':>13} {'recall':>14}"
+    )
+    for key, row in table.items():
+        print(
+            f"{key:<44} {row['seeds']:>5} {row['auc_mean']:>8.3f} ± {row['auc_std']:.3f} "
+            f"{row['auc_min']:.3f}..{row['auc_max']:.3f} {row['recall_mean']:>7.3f} ± {row['recall_std']:.3f}"
+        )
+
+
+def main() -> None:
+    from datainf_core.influence import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--task", choices=["generation", "image"], nargs="+", default=["image", "generation"]
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--loss-tokens", nargs="+", default=["prompt", "response"])
+    parser.add_argument("--work", type=Path, default=ROOT / "demo-projects" / "identification")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "identification.json"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"runs": {}}
+    if args.out.exists():
+        results = json.loads(args.out.read_text())
+        results.setdefault("runs", {})
+    for task in args.task:
+        for seed in args.seeds:
+            project, build_seconds = build(task, seed, args.work)
+            settings = args.loss_tokens if task == "generation" else ["denoising"]
+            for setting in settings:
+                began = time.perf_counter()
+                if task == "generation":
+                    train, query, train_cat, query_cat = _gradients_generation(project, setting)
+                else:
+                    train, query, train_cat, query_cat = _gradients_image(project)
+                grad_seconds = time.perf_counter() - began
+                methods = score_all(train, query, train_cat, query_cat, args.methods)
+                del train, query
+                results["runs"].setdefault(f"{task}/{setting}", {})[str(seed)] = {
+                    "build_seconds": round(build_seconds, 1),
+                    "gradient_seconds": round(grad_seconds, 1),
+                    "n_train": int(train_cat.size),
+                    "n_test": int(query_cat.size),
+                    "methods": methods,
+                }
+                results["table"] = summarise(results)
+                args.out.write_text(json.dumps(results, indent=2))
+                build_seconds = 0.0  # counted once per seed
+    print_table(results["table"])
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
