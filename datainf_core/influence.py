@@ -586,7 +586,7 @@ def _make_context(
             f"memory_budget_bytes should be positive, got {memory_budget_bytes!r}; try 2**30"
         )
     rows = chunk_size or _chunk_rows(dims, extra_per_row, memory_budget_bytes, n_local)
-    small = n_local * sum(dims.values()) <= FLOAT64_ELEMENTS
+    small = n_total * sum(dims.values()) <= FLOAT64_ELEMENTS
     return _Context(
         train=train_grads,
         names=names,
@@ -636,7 +636,6 @@ def _run(
     out: Sink | None,
     reduce: Reduce,
     n_total: int | None,
-    n_local: int | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor] | None:
     """Shared body of :func:`compute_influence` and the distributed variant."""
     started = time.perf_counter()
