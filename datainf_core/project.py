@@ -322,9 +322,9 @@ class Project:
                     f"project.toml: [data] {column} is required for task {self.task!r}; "
                     f'add {column} = "<column name>" to [data]'
                 )
-        self._validate_labels()
         if check_files:
             self._validate_files()
+        self._validate_labels()
 
     def _validate_labels(self) -> None:
         labels = self.data.labels
