@@ -343,3 +343,28 @@ def test_self_influence_rejects_nan():
     train["layer0.lora_A"][5, 0] = float("inf")
     with pytest.raises(ValueError, match="block 'layer0.lora_A' has NaN or inf values in sample 5"):
         compute_self_influence(train)
+
+
+def test_projection_is_seeded_and_keeps_inner_products():
+    from datainf_core.projection import make_projection
+
+    grads = make_grads(50, [3000, 20], 101)
+    proj = make_projection(grads, dim=1024, seed=7)
+    again = make_projection({k: v.shape[1] for k, v in grads.items()}, dim=1024, seed=7)
+    projected = proj.apply(grads)
+    assert projected["layer0.lora_A"].shape == (50, 1024)
+    torch.testing.assert_close(projected["layer1.lora_B"], grads["layer1.lora_B"])  # d ≤ dim
+    torch.testing.assert_close(projected["layer0.lora_A"], again.apply(grads)["layer0.lora_A"])
+    other = make_projection(grads, dim=1024, seed=8).apply(grads)["layer0.lora_A"]
+    assert not torch.allclose(other, projected["layer0.lora_A"])
+    x = grads["layer0.lora_A"].double()
+    y = projected["layer0.lora_A"].double()
+    gram, gram_p = x @ x.T, y @ y.T
+    norms = x.norm(dim=1)
+    spread = ((gram_p - gram) / torch.outer(norms, norms)).abs().max()
+    assert spread < 6 * (2 / 1024) ** 0.5
+    lazy = proj.apply({k: LazyBlock(v) for k, v in grads.items()})
+    assert lazy["layer0.lora_A"].shape == (50, 1024)
+    torch.testing.assert_close(lazy["layer0.lora_A"][10:20], projected["layer0.lora_A"][10:20])
+    scores = compute_influence(lazy, proj.apply(make_grads(2, [3000, 20], 102)), chunk_size=16)
+    assert scores.shape == (50,) and bool(torch.isfinite(scores).all())
