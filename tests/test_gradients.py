@@ -435,3 +435,18 @@ def test_diffusion_settings_validate():
         745,
         925,
     )
+
+
+def test_bfloat16_model_gives_float32_gradients():
+    model = tiny_classifier(0).to(torch.bfloat16)
+    examples = classification_examples(4, seed=2)
+    grads, losses = collect_gradients_and_losses(
+        model, examples, task="classification", batch_size=2, device="cpu"
+    )
+    expected, _ = reference_gradients(tiny_classifier(0), examples, "classification")
+    for name, value in grads.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all()
+        # bf16 keeps ~3 significant digits: close to the float32 model, not equal.
+        scale = expected[name].abs().max()
+        assert (value - expected[name]).abs().max() <= 0.1 * scale + 1e-3, name
+    assert losses.dtype == torch.float32

@@ -184,3 +184,14 @@ def test_store_user_errors(tmp_path, model, examples):
         collect_gradients_to_store(
             model, examples, tmp_path, key=KEY, task="classification", shard_size=0
         )
+
+
+def test_engine_reads_the_store_like_the_dict(tmp_path, model, examples):
+    from datainf_core.influence import compute_influence
+
+    store = _collect(model, examples, tmp_path)
+    in_memory = store.to_dict()
+    query = {name: block[:3] for name, block in in_memory.items()}
+    from_store = compute_influence(store, query, method="datainf", chunk_size=3)
+    from_dict = compute_influence(in_memory, query, method="datainf", chunk_size=3)
+    torch.testing.assert_close(from_store, from_dict)
