@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": "all-MiniLM-L6-v2, LoRA on query,value + classifier head",
         },
         "table": table,
+        "paper_r1": PAPER_R1,
         "rows": rows,
         "per_rank": per_rank,
         "seconds": time.perf_counter() - started,

@@ -156,6 +156,7 @@ def run_kronfluence(
         model=model,
         task=task,
         cpu=True,
+        log_level=logging.WARNING,
         disable_tqdm=True,
         output_dir=str(workdir),
     )
@@ -216,20 +217,32 @@ def run_dattri(
         ).logits
         return F.cross_entropy(logits, label.reshape(1))
 
-    def loader(batch: dict[str, torch.Tensor]) -> torch.utils.data.DataLoader:
+    def loader(batch: dict[str, torch.Tensor], size: int) -> torch.utils.data.DataLoader:
         data = torch.utils.data.TensorDataset(
             batch["input_ids"], batch["attention_mask"], batch["labels"]
         )
-        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+        return torch.utils.data.DataLoader(data, batch_size=size, shuffle=False)
 
     started = time.perf_counter()
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    task = AttributionTask(loss_func=loss_func, model=model, checkpoints=params)
+
+    def load_adapter(target: nn.Module, checkpoint: dict[str, torch.Tensor]) -> nn.Module:
+        target.load_state_dict(checkpoint, strict=False)  # adapter tensors only
+        return target
+
+    task = AttributionTask(
+        loss_func=loss_func, model=model, checkpoints=params, checkpoints_load_func=load_adapter
+    )
     attributor = IFAttributorDataInf(
         task=task, layer_name=list(params), device="cpu", regularization=regularization
     )
-    attributor.cache(loader(train))
-    scores = attributor.attribute(loader(train), loader(query))  # n x m
+    # dattri recomputes the query gradients and their DataInf transform (over all n cached
+    # training gradients) for every (train batch, query batch) pair: large batches keep that
+    # to a few passes; vmap memory grows with the batch (~12 MB per sample here).
+    train_batch = min(len(train["labels"]), 4 * batch_size)
+    query_batch = len(query["labels"])
+    attributor.cache(loader(train, train_batch))
+    scores = attributor.attribute(loader(train, train_batch), loader(query, query_batch))  # n x m
     seconds = time.perf_counter() - started
     return {"scores": -scores.double().mean(1).numpy(), "seconds": seconds}
 
@@ -243,6 +256,16 @@ def _attempt(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     except Exception as error:  # a peer failing is a result to report, not a crash
         logger.exception("%s failed", label)
         return {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+
+
+def curve_points(signal: np.ndarray, is_noisy: np.ndarray, points: int = 21) -> dict[str, list]:
+    """The detection curve (share of flipped labels found vs share inspected) at ``points``."""
+    from datainf_core.evaluate import detection_curve
+
+    curve = detection_curve(signal, is_noisy)
+    grid = np.linspace(0.0, 1.0, points)
+    found = np.interp(grid, curve["fraction_inspected"], curve["fraction_found"])
+    return {"fraction_inspected": grid.round(3).tolist(), "fraction_found": found.round(4).tolist()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     results.append(("dattri", f"datainf (regularization {lam:.2e})", "datainf", res))
 
     rows = []
+    curves: dict[str, dict[str, list]] = {}
     for tool, method, match, res in results:
         row: dict[str, Any] = {
             "tool": tool,
@@ -299,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             row["auc"] = detection_auc(res["scores"], is_noisy)
             row["pearson_vs_ours"] = float(np.corrcoef(res["scores"], ours[match]["scores"])[0, 1])
             row["compared_with"] = f"ours {match}"
+            curves[f"{tool}: {method.split(' (')[0]}"] = curve_points(res["scores"], is_noisy)
         rows.append(row)
     rows.append(
         {
@@ -308,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "auc": detection_auc(ours["_grads"]["losses"].double().numpy(), is_noisy),
         }
     )
+    curves["training loss"] = curve_points(ours["_grads"]["losses"].double().numpy(), is_noisy)
     ok = [r for r in rows if r.get("auc") is not None]
     best = max(ok, key=lambda r: r["auc"])
     fastest = min((r for r in ok if r["tool"] != "baseline"), key=lambda r: r["seconds"])
@@ -324,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "summary": summary,
         "rows": rows,
+        "detection_curve": curves,
         "settings": {
             "size": args.size,
             "seed": args.seed,

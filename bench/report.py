@@ -386,13 +386,28 @@ def _figures(results: Mapping[str, Any]) -> dict[str, Any]:
         fig = go.Figure()
         methods = sorted({row["method"] for row in fidelity["rows"] if "method" in row})
         for method in methods:
-            rows = [r for r in fidelity["rows"] if r.get("method") == method]
+            rows = [r for r in fidelity["rows"] if r.get("method") == method and "pearson" in r]
+            if not rows:
+                continue
             fig.add_trace(
                 go.Scatter(
                     x=[r["rank"] for r in rows],
                     y=[central(r["pearson"]) for r in rows],
                     mode="lines+markers",
                     name=method,
+                )
+            )
+        paper = fidelity.get("paper_r1") or {}
+        if paper:
+            fig.add_trace(
+                go.Scatter(
+                    x=[1] * len(paper),
+                    y=list(paper.values()),
+                    text=list(paper),
+                    mode="markers+text",
+                    textposition="middle right",
+                    marker={"symbol": "x", "size": 10, "color": "black"},
+                    name="paper, r=1 (MRPC)",
                 )
             )
         fig.update_layout(
@@ -450,6 +465,9 @@ def save_plots(results: Mapping[str, Any], plots_dir: Path) -> tuple[dict[str, P
         figures = _figures(results)
     except ImportError as error:
         return {}, f"no plots: plotly is not importable ({error})"
+    except (KeyError, TypeError, ValueError) as error:  # a result layout the plots do not know
+        logger.warning("plots skipped: %s", error)
+        return {}, f"no plots: a result did not have the expected layout ({error!r})"
     if not figures:
         return {}, "no plots: no plottable results"
     plots_dir.mkdir(parents=True, exist_ok=True)
