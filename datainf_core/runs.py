@@ -431,6 +431,94 @@ def _check_finite(name: str, values: torch.Tensor) -> None:
         )
 
 
+class _RowSlice:
+    """Rows ``[start, stop)`` of a (lazy) gradient block, itself sliceable like a block."""
+
+    def __init__(self, block: Any, start: int, stop: int) -> None:
+        self.block, self.start, self.stop = block, start, stop
+        self.shape = (stop - start, int(block.shape[1]))
+        self.dtype = getattr(block, "dtype", None)
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        begin, end, _ = index.indices(self.shape[0])
+        return self.block[self.start + begin : self.start + max(begin, end)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _distributed_worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    train_path: str,
+    query_path: str,
+    kwargs: dict[str, Any],
+    out_path: str,
+) -> None:
+    """One rank of a ``--nproc`` scoring: its contiguous shard of the train store (gloo)."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from datainf_core import distributed
+    from datainf_core.store import GradientStore
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        train = GradientStore.open(train_path, verify=False)
+        query = GradientStore.open(query_path, verify=False)
+        rows = distributed.shard_range(train.n, rank, world_size)
+        shard = {name: _RowSlice(block, rows.start, rows.stop) for name, block in train.items()}
+        scores = distributed.compute_influence_distributed(shard, query, gather=True, **kwargs)
+        if rank == 0:
+            save_file({"scores": scores.detach().cpu().contiguous()}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _compute_distributed(
+    train_grads: Mapping[str, Any],
+    query_grads: Mapping[str, Any],
+    *,
+    nproc: int,
+    folder: Path,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Scores with ``nproc`` gloo processes, each reading its shard of the on-disk train store."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    train_path, query_path = getattr(train_grads, "path", None), getattr(query_grads, "path", None)
+    if train_path is None or query_path is None:
+        raise RunError(
+            f"nproc={nproc} needs the on-disk gradient store (datainf_core.store); run with --nproc 1"
+        )
+    out_path = folder / f".scores-{secrets.token_hex(4)}.safetensors"
+    settings = {k: v for k, v in kwargs.items() if k != "progress"}
+    started = time.perf_counter()
+    try:
+        mp.spawn(
+            _distributed_worker,
+            args=(nproc, _free_port(), str(train_path), str(query_path), settings, str(out_path)),
+            nprocs=nproc,
+            join=True,
+        )
+        scores = load_file(out_path)["scores"]
+    finally:
+        out_path.unlink(missing_ok=True)
+    logger.info("scored with %d processes in %.2f seconds", nproc, time.perf_counter() - started)
+    return scores
+
+
 def _compute_method(
     name: str,
     train_grads: Mapping[str, Any],
@@ -439,6 +527,7 @@ def _compute_method(
     settings: RunSettings,
     aggregate: str | None,
     progress: Callable[[int, int], None],
+    folder: Path,
 ) -> torch.Tensor:
     from datainf_core import influence
 
@@ -451,13 +540,21 @@ def _compute_method(
         "progress": progress,
     }
     if settings.nproc > 1:
-        distributed = getattr(influence, "compute_influence_distributed", None)
-        if distributed is None:
-            raise RunError(
-                f"nproc={settings.nproc} needs influence.compute_influence_distributed, which "
-                "this version does not have; run with --nproc 1"
+        n = int(next(iter(train_grads.values())).shape[0])
+        wide = [k for k, block in train_grads.items() if int(block.shape[1]) > n]
+        if base in ("exact", "lissa") and wide:
+            # The distributed engine solves in the primal only (d ≤ n); one process handles d > n.
+            logger.warning(
+                "%s with %d blocks wider than n=%d runs in one process, not %d",
+                name,
+                len(wide),
+                n,
+                settings.nproc,
             )
-        return distributed(train_grads, query_grads, nproc=settings.nproc, **kwargs)
+        else:
+            return _compute_distributed(
+                train_grads, query_grads, nproc=settings.nproc, folder=folder, kwargs=kwargs
+            )
     return influence.compute_influence(train_grads, query_grads, **kwargs)
 
 
@@ -557,6 +654,7 @@ def _execute(
             settings=settings,
             aggregate="mean",
             progress=status.callback(),
+            folder=folder,
         ).reshape(-1)  # n
         _check_finite(f"{name} scores", scores)
         signals[name] = scores.detach().cpu().double().numpy()
@@ -572,6 +670,7 @@ def _execute(
                 settings=settings,
                 aggregate=None,
                 progress=status.callback(),
+                folder=folder,
             )  # m x n
             per_query_frames.append(_per_query_frame(matrix, name))
     write_parquet(folder / "scores.parquet", pd.concat(score_frames, ignore_index=True))
@@ -593,15 +692,20 @@ def _execute(
         from datainf_core import gradients
 
         status.begin("training loss", n)
-        losses = gradients.per_sample_losses(
-            loaded.model,
-            loaded.train_examples,
-            task=project.task,
-            batch_size=project.influence.batch_size,
-            device=settings.device,
-            diffusion=loaded.diffusion,
-            progress=status.callback(),
-        )
+        stored = getattr(grads["train"], "losses", None)  # collected with the gradients
+        if stored is not None and tuple(stored.shape) == (n,):
+            losses = stored
+        else:
+            losses = gradients.per_sample_losses(
+                loaded.model,
+                loaded.train_examples,
+                task=project.task,
+                batch_size=project.influence.batch_size,
+                device=settings.device,
+                diffusion=loaded.diffusion,
+                progress=status.callback(),
+            )
+        status.update(n, n)
         _check_finite("training loss", losses)
         signals["train_loss"] = losses.detach().cpu().double().numpy()
 
