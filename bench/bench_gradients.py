@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 MiniLM and 16 SmolLM2 samples")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch)")
-    parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--only", choices=("minilm", "smollm2"), help="run one case")
     parser.add_argument("--out", type=Path, default=RESULTS / "gradients.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -186,24 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     rows = []
     minilm_n, smol_n = (64, 16) if args.quick else (512, 64)
-    model, examples, name = minilm_case(minilm_n, 64)
-    rows.append(
-        run_case(
-            name,
-            model,
-            examples,
-            task="classification",
-            batch_size=16,
-            loop_n=min(minilm_n, 128),
+    if args.only in (None, "minilm"):
+        model, examples, name = minilm_case(minilm_n, 64)
+        loop_n = min(minilm_n, 64)
+        rows.append(
+            run_case(name, model, examples, task="classification", batch_size=16, loop_n=loop_n)
         )
-    )
-    print(markdown(rows[-1:]), flush=True)
-    del model
-    if not args.skip_smollm2:
+        print(markdown(rows[-1:]), flush=True)
+        del model
+    if args.only in (None, "smollm2"):
         began = time.perf_counter()
         model, examples, name = smollm2_case(smol_n, 64)
         load_s = time.perf_counter() - began
-        row = run_case(name, model, examples, task="generation", batch_size=8, loop_n=smol_n)
+        row = run_case(
+            name, model, examples, task="generation", batch_size=8, loop_n=min(smol_n, 32)
+        )
         row["load_s"] = round(load_s, 1)
         rows.append(row)
     summary = (

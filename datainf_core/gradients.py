@@ -196,7 +196,11 @@ def _text_loss_terms(
     model: nn.Module, examples: Sequence[Example], task: str, device: torch.device
 ) -> Iterator[torch.Tensor]:
     """Yields the per-sample losses (``batch_size``,) of one text mini-batch (one forward)."""
-    batch = collate_examples(examples, pad_token_id=_pad_token_id(model), padding_side="right")
+    batch = collate_examples(
+        [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples],
+        pad_token_id=_pad_token_id(model),
+        padding_side="right",
+    )
     input_ids = batch["input_ids"].to(device)  # batch_size x T
     attention_mask = batch["attention_mask"].to(device)  # batch_size x T
     labels = batch["labels"].to(device)
@@ -231,7 +235,8 @@ def _diffusion_loss_terms(
     """Yields per-sample noise-prediction losses (``batch_size``,), one UNet forward per timestep."""
     dtype = _model_dtype(model)
     compute = _compute_dtype(dtype)
-    batch = collate_examples(examples)
+    keys = ("pixel_values", "encoder_hidden_states", "seed")
+    batch = collate_examples([{key: e[key] for key in keys} for e in examples])
     pixels = batch["pixel_values"].to(device)  # batch_size x C x H x W
     context = batch["encoder_hidden_states"].to(device=device, dtype=dtype)  # batch_size x S x D
     with torch.no_grad():
@@ -336,7 +341,11 @@ def _plan_hooks(model: nn.Module, params: dict[str, nn.Parameter]) -> list[_Hook
     covered: set[str] = set()
     plan: list[_HookedLinear] = []
     for module in model.modules():
+        owned = [by_id[id(p)] for p in module.parameters(recurse=False) if id(p) in by_id]
         if type(module) is not nn.Linear:
+            if owned:  # e.g. an embedding adapter, a DoRA magnitude, a tied embedding weight
+                logger.info("Batched hooks cannot serve %s (in a %s)", owned[0], type(module))
+                return None
             continue
         weight_name = by_id.get(id(module.weight))
         bias_name = by_id.get(id(module.bias)) if module.bias is not None else None
@@ -374,6 +383,7 @@ def _collect_hooks(
         return hook
 
     handles = [entry.module.register_forward_hook(make_hook(entry)) for entry in plan]
+    called: set[int] = set()
     try:
         for start in range(0, n, batch_size):
             chunk = examples[start : start + batch_size]
@@ -383,9 +393,14 @@ def _collect_hooks(
                 for name, g in grads.items()
             }
             for term in _loss_terms(model, chunk, task, diffusion, device):
-                live = [(entry, call) for entry in plan for call in entry.calls]
+                live = [
+                    (entry, call) for entry in plan for call in entry.calls if call[1].requires_grad
+                ]
+                called.update(id(entry) for entry, _ in live)
                 outputs = [call[1] for _, call in live]
-                output_grads = torch.autograd.grad(term.sum(), outputs, allow_unused=True)
+                output_grads = (
+                    torch.autograd.grad(term.sum(), outputs, allow_unused=True) if outputs else []
+                )
                 for (entry, (x, _)), g in zip(live, output_grads, strict=True):
                     if g is None:
                         continue
@@ -402,6 +417,14 @@ def _collect_hooks(
             handle.remove()
         for entry in plan:
             entry.calls.clear()
+    unused = [e.weight_name or e.bias_name for e in plan if id(e) not in called]
+    if unused:
+        logger.warning(
+            "%d adapter layers were never used in the forward pass (merged adapter or unused "
+            "module?); their gradients are zero, e.g. %s",
+            len(unused),
+            unused[0],
+        )
     return grads, losses.float()
 
 
