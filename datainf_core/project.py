@@ -550,6 +550,7 @@ def create_project(
 
     Raises:
         ProjectError: An unknown setting, an existing project, or an invalid value.
+        ModelError: The adapter folder is not a LoRA adapter or was trained on another base.
     """
     root = Path(root).expanduser().resolve()
     if (root / PROJECT_FILE).exists() and not overwrite:
@@ -596,6 +597,10 @@ def create_project(
         for key, value in tables[table].items():
             _check_type(table, key, value, _TYPES[table][key])
     project.validate(check_files=True)
+    if project.adapter_path is not None and task != "text-to-image":
+        from datainf_core.models import check_adapter_matches_base
+
+        check_adapter_matches_base(project)  # ModelError: not an adapter, or another base's
     project.save()
     logger.info("created project %s (%s) in %s", project.name, task, root)
     return project

@@ -178,3 +178,20 @@ def test_missing_base(cls_project: Project, copy_of) -> None:
         models.load_tokenizer(project)
     with pytest.raises(ModelError, match="cannot read the config of base model"):
         models.load_base_model(project, device="cpu")
+
+
+def test_create_project_checks_the_adapter(cls_project: Project, tmp_path: Path) -> None:
+    from datainf_core.project import create_project
+
+    config_path = tmp_path / "other_adapter" / "adapter_config.json"
+    shutil.copytree(cls_project.adapter_path, config_path.parent)
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "someone/other-model"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="was trained on base model 'someone/other-model'"):
+        create_project(
+            tmp_path / "p", task="classification", base=str(cls_project.base_location),
+            adapter=str(config_path.parent), train=str(cls_project.train_path),
+            validation=str(cls_project.validation_path),
+        )  # fmt: skip
+    assert not (tmp_path / "p" / "project.toml").exists()

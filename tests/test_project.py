@@ -245,7 +245,7 @@ def test_non_utf8_project_file(folder: Path) -> None:
 def test_create_project_infers_labels_and_defaults(folder: Path, monkeypatch) -> None:
     monkeypatch.chdir(folder)
     project = create_project(
-        folder / "p", task="classification", base="./base", adapter="adapter", train="train.csv",
+        folder / "p", task="classification", base="./base", adapter=None, train="train.csv",
         validation=str(folder / "validation.csv"),
     )  # fmt: skip
     assert isinstance(project, Project)
