@@ -221,7 +221,7 @@ def _text_loss_terms(
 
 
 def _sample_noise(seed: int, shape: Sequence[int], count: int) -> torch.Tensor:
-    """Fixed noise of one sample: ``count x *shape`` float32, from a generator seeded by ``seed``."""
+    """Fixed noise of one sample: ``count x *shape`` float32 from a generator seeded by ``seed``."""
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn((count, *shape), generator=generator, dtype=torch.float32)
 
@@ -232,7 +232,7 @@ def _diffusion_loss_terms(
     settings: DiffusionLossSettings,
     device: torch.device,
 ) -> Iterator[torch.Tensor]:
-    """Yields per-sample noise-prediction losses (``batch_size``,), one UNet forward per timestep."""
+    """Yields per-sample noise-prediction losses (``batch_size``), one UNet forward per timestep."""
     dtype = _model_dtype(model)
     compute = _compute_dtype(dtype)
     keys = ("pixel_values", "encoder_hidden_states", "seed")
@@ -336,7 +336,7 @@ class _HookedLinear:
 
 
 def _plan_hooks(model: nn.Module, params: dict[str, nn.Parameter]) -> list[_HookedLinear] | None:
-    """Maps every requested tensor to the Linear owning it, or ``None`` when one has no such owner."""
+    """Maps each requested tensor to the Linear owning it; ``None`` when one has no such owner."""
     by_id = {id(p): name for name, p in params.items()}
     covered: set[str] = set()
     plan: list[_HookedLinear] = []

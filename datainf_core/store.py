@@ -8,8 +8,9 @@ Layout of one store (``<store_dir>/<key hash>/``)::
     shard-00001.safetensors   ...
 
 The key hash covers the caller's key (model, adapter, data, settings), the task, the adapter
-blocks and a fingerprint of the examples, so a rerun with the same inputs reuses the store, and a
-run interrupted between shards resumes after the last complete one. A shard whose checksum does
+blocks and their dtype, the diffusion settings and a fingerprint of the examples, so a rerun with
+the same inputs reuses the store, and a run interrupted between shards resumes after the last
+complete one. A shard whose checksum does
 not match its manifest entry is recomputed, never read.
 
 Reading is lazy: ``store[name]`` is a :class:`GradientBlock` whose ``[start:stop]`` slice reads
@@ -106,7 +107,7 @@ class GradientBlock:
         return 2
 
     def __getitem__(self, index: slice | int) -> torch.Tensor:
-        """Rows ``[start:stop]`` (step 1) as a ``rows x d_block`` float32 tensor; an int gives one row."""
+        """Rows ``[start:stop]`` (step 1) as ``rows x d_block`` float32; an int gives one row."""
         if isinstance(index, int):
             row = index + self.shape[0] if index < 0 else index
             if not 0 <= row < self.shape[0]:
@@ -247,9 +248,9 @@ def collect_gradients_to_store(
     """Collects per-sample gradients into an on-disk store, reusing or resuming a previous run.
 
     The store lives in ``store_dir/<hash>`` where the hash covers ``key``, the task, the adapter
-    blocks, the diffusion settings and a fingerprint of ``examples``. Shards that are complete and
-    pass their checksum are kept; the rest are (re)computed, one shard of ``shard_size`` samples at
-    a time, each written atomically and then recorded in the manifest.
+    blocks and their dtype, the diffusion settings and a fingerprint of ``examples``. Shards that
+    are complete and pass their checksum are kept; the rest are (re)computed, one shard of
+    ``shard_size`` samples at a time, each written atomically and then recorded in the manifest.
 
     Args:
         model: PEFT-adapted model (see :func:`datainf_core.gradients.collect_gradients`).
@@ -278,6 +279,7 @@ def collect_gradients_to_store(
         "key": {str(k): str(v) for k, v in key.items()},
         "task": task,
         "blocks": blocks,
+        "dtype": str(next(iter(params.values())).dtype),
         "diffusion": None if diffusion is None else diffusion.describe(),
         "examples": examples_fingerprint(examples),
         "n": n,

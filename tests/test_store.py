@@ -1,4 +1,4 @@
-"""The on-disk gradient store: equal to in-memory collection, resumes, caches, detects corruption."""
+"""The on-disk gradient store equals in-memory collection, resumes, caches, detects corruption."""
 
 from __future__ import annotations
 
