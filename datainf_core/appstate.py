@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +85,17 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def demo_base() -> Path:
+    """The folder holding the built demos: ``$DATAINF_DEMO_DIR`` or ``<repo>/demo-projects``."""
+    configured = os.environ.get("DATAINF_DEMO_DIR", "").strip()
+    return Path(configured).expanduser() if configured else repo_root() / "demo-projects"
+
+
 def demo_root(kind: str, base: Path | None = None) -> Path:
-    """Where the built-in demo ``kind`` lives: ``<repo>/demo-projects/<kind>``."""
+    """Where the built-in demo ``kind`` lives: ``<demo base>/<kind>`` (see :func:`demo_base`)."""
     if kind not in DEMO_KINDS:
         raise AppError(f"unknown demo {kind!r}; use one of {', '.join(DEMO_KINDS)}")
-    return (base or repo_root() / "demo-projects") / kind
+    return (base or demo_base()) / kind
 
 
 def demo_status_path(kind: str, base: Path | None = None) -> Path:
@@ -355,24 +360,6 @@ def start_retrain(project: Any, *, drop_excluded: bool = True, apply_relabels: b
     return start_job("retrain", args, retrain_status_path(project))
 
 
-def detached_copy(project: Any, root: Path) -> Any:
-    """A copy of ``project`` living in ``root`` with every path made absolute.
-
-    Training saves ``project.toml`` and points it at the new adapter; doing that on a copy keeps
-    the user's project untouched.
-    """
-    model = replace(
-        project.model,
-        base=project.base_location,
-        adapter=None if project.adapter_path is None else str(project.adapter_path),
-    )
-    data = replace(
-        project.data, train=str(project.train_path), validation=str(project.validation_path)
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    return replace(project, root=root, model=model, data=data)
-
-
 def train_settings_of(adapter_path: Path | None) -> dict[str, Any]:
     """The training settings saved next to an adapter (``train_settings.json``), or ``{}``."""
     if adapter_path is None:
@@ -392,8 +379,8 @@ def retrain_on_cleaned(
 
     "Before" is the project's adapter as it is; "after" is an adapter trained with the same
     settings (read from its ``train_settings.json``) on the export with excluded samples dropped
-    and corrected labels applied. The project itself is not changed: training happens on a copy in
-    ``<project>/retrain/``.
+    and corrected labels applied. ``project.toml`` is not changed; the new adapter goes to
+    ``<project>/retrain/<time>/adapter``.
 
     Returns:
         ``{"before": {val_loss, val_accuracy}, "after": {...}, "train_rows": int,
@@ -412,14 +399,14 @@ def retrain_on_cleaned(
     saved = train_settings_of(project.adapter_path)
     known = set(train.TrainSettings.__dataclass_fields__)
     settings = train.TrainSettings(**{k: v for k, v in saved.items() if k in known})
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    scratch = detached_copy(project, Path(project.root) / "retrain" / stamp)
+    out_dir = Path(project.root) / "retrain" / time.strftime("%Y%m%d-%H%M%S") / "adapter"
     result = train.train_adapter(
-        scratch,
+        project,
         settings,
-        out_dir=scratch.root / "adapter",
+        out_dir=out_dir,
         train_df=train_df,
         progress=progress,
+        update_project=False,
     )
     after = {"val_loss": result.best_val_loss, "val_accuracy": result.val_accuracy}
     return {
