@@ -71,3 +71,42 @@ def test_not_trivially_separable() -> None:
 def test_generate_rejects_tiny_size() -> None:
     with pytest.raises(ValueError, match="size"):
         text.generate_text_data(5)
+
+
+def test_build_text_demo_writes_project_and_adapter(tmp_path, monkeypatch) -> None:
+    """The whole build on a tiny random BERT standing in for MiniLM (one short epoch)."""
+    from fixtures import save_tiny_bert
+
+    from datainf_core.project import load_project
+    from datainf_core.train import TrainSettings
+
+    base = save_tiny_bert(tmp_path / "base")
+    monkeypatch.setattr(text, "minilm_path", lambda: base)
+    calls = []
+    settings = TrainSettings(epochs=1, batch_size=16, patience=None)
+    text.build_text_demo(
+        tmp_path / "demo",
+        size=40,
+        seed=0,
+        settings=settings,
+        progress=lambda *args: calls.append(args),
+    )
+    project = load_project(tmp_path / "demo")
+    assert project.task == "classification" and project.data.labels == text.LABELS
+    assert project.data.category_column == "domain"
+    assert (project.adapter_path / "adapter_model.safetensors").is_file()
+    import pandas as pd
+
+    train = pd.read_csv(project.train_path)
+    assert int(train["is_noisy"].sum()) == 8
+    assert len(pd.read_csv(project.validation_path)) == 100
+    assert calls[-1][0] == calls[-1][1]
+
+
+def test_demo_train_settings_regimes() -> None:
+    default = text.demo_train_settings(seed=3)
+    overfit = text.demo_train_settings(seed=3, overfit=True)
+    assert default.rank == overfit.rank == 8 and default.alpha == 16
+    assert default.patience is not None and default.restore_best
+    assert overfit.patience is None and not overfit.restore_best
+    assert overfit.stop_at_train_accuracy is not None and overfit.seed == 3
