@@ -244,7 +244,7 @@ def run_dattri(
     attributor.cache(loader(train, train_batch))
     scores = attributor.attribute(loader(train, train_batch), loader(query, query_batch))  # n x m
     seconds = time.perf_counter() - started
-    return {"scores": -scores.double().mean(1).numpy(), "seconds": seconds}
+    return {"scores": -scores.detach().double().mean(1).numpy(), "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for strategy, match in (("ekfac", "exact"), ("identity", "hessian_free")):
-            if "kronfluence" in args.skip or _version("kronfluence") is None:
+            if "kronfluence" in args.skip:
+                res = {"error": "skipped (--skip)"}
+            elif _version("kronfluence") is None:
                 res = {"error": "not installed (bench/requirements-bench.txt)"}
             else:
                 res = _attempt(
@@ -302,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                     lambda s=strategy: run_kronfluence(inputs, s, Path(tmp), args.batch_size),
                 )
             results.append(("kronfluence", strategy, match, res))
-    if "dattri" in args.skip or _version("dattri") is None:
+    if "dattri" in args.skip:
+        res = {"error": "skipped (--skip)"}
+    elif _version("dattri") is None:
         res = {"error": "not installed (bench/requirements-bench.txt)"}
     else:
         res = _attempt("dattri", lambda: run_dattri(inputs, lam, args.batch_size))

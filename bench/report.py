@@ -533,8 +533,10 @@ def _status_line(outcome: Mapping[str, Any] | None) -> str:
     timing = ", ".join(f"{s:.0f} s" for s in seconds)
     repeats = outcome.get("repeats", 1)
     text = f"*Status: {status}; wall time {timing or '–'}"
+    if outcome.get("load_before") is not None:
+        text += f"; load average {outcome['load_before']:.2f} when it started"
     text += (
-        f"; {repeats} runs, numbers shown as median [min–max] where they differ*"
+        f"; {repeats} runs, numbers shown as median [min–max] where they differ, text from run 1*"
         if repeats > 1
         else "*"
     )

@@ -84,6 +84,7 @@ class Outcome:
     stale: bool = False
     result_time: str = ""
     log: str = ""
+    load_before: float | None = None  # 1-minute load average when the benchmark started
 
 
 def _run_once(bench: Benchmark, limit_s: float, log_path: Path) -> tuple[str, float, int, str]:
@@ -120,6 +121,8 @@ def _run_once(bench: Benchmark, limit_s: float, log_path: Path) -> tuple[str, fl
 def run_benchmark(bench: Benchmark, deadline: float) -> Outcome:
     """Runs one benchmark (repeating it when cheap) and merges the JSON of its repeats."""
     outcome = Outcome(log=str(LOGS / f"{bench.name}.log"))
+    if hasattr(os, "getloadavg"):
+        outcome.load_before = round(os.getloadavg()[0], 2)
     script = REPO / bench.script
     result = RESULTS / f"{bench.name}.json"
     if not script.exists():
