@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("datainf", "exact", "lissa", "hessian_free")
 DAMPING_MODES = ("relative", "absolute")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of chunk buffers and solver state
+CACHE_CHUNK_BYTES = 8 << 20  # one in-memory block chunk, sized to stay in cache within a pass
 DEFAULT_LISSA_ITERATIONS = 1000
 # Below this many train gradient elements every product runs in float64 (it costs nothing there,
 # and DataInf's n = 1 case cancels badly in float32); above it the products run in float32.
@@ -193,9 +194,19 @@ def _report_nonfinite(name: str, sq_norms: torch.Tensor, start: int, which: str)
         )
 
 
-def _chunk_rows(dims: Mapping[str, int], extra_per_row: int, budget: int, n: int) -> int:
+def _chunk_rows(
+    dims: Mapping[str, int], extra_per_row: int, budget: int, n: int, in_memory: bool
+) -> int:
+    """Rows per chunk: what the budget allows; for in-memory tensors also what fits in cache.
+
+    In-memory blocks are sliced without copies, so a small chunk costs nothing but keeps each
+    block's rows in cache between the products of one pass; lazy blocks get the budget's rows.
+    """
     per_row = 4 * sum(dims.values()) * 2 + extra_per_row
-    return max(1, min(n, budget // max(per_row, 1)))
+    rows = budget // max(per_row, 1)
+    if in_memory:
+        rows = min(rows, max(CACHE_CHUNK_BYTES // (4 * max(dims.values())), 16))
+    return max(1, min(n, rows))
 
 
 # 2. Reading ---------------------------------------------------------------------------------------
@@ -329,6 +340,8 @@ def _datainf_vectors(ctx: _Context, query: Mapping[str, torch.Tensor]) -> dict[s
 
 def _reduce_dict(ctx: _Context, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     """Sums every tensor over ranks in one flat reduce; returns them in ``ctx.names`` order."""
+    if ctx.reduce is _no_reduce:
+        return [tensors[name] for name in ctx.names]
     flat = torch.cat([tensors[name].reshape(-1) for name in ctx.names])
     flat = ctx.reduce(flat)
     out, offset = [], 0
@@ -585,7 +598,8 @@ def _make_context(
         raise InfluenceInputError(
             f"memory_budget_bytes should be positive, got {memory_budget_bytes!r}; try 2**30"
         )
-    rows = chunk_size or _chunk_rows(dims, extra_per_row, memory_budget_bytes, n_local)
+    in_memory = all(isinstance(train_grads[name], torch.Tensor) for name in names)
+    rows = chunk_size or _chunk_rows(dims, extra_per_row, memory_budget_bytes, n_local, in_memory)
     small = n_total * sum(dims.values()) <= FLOAT64_ELEMENTS
     return _Context(
         train=train_grads,
