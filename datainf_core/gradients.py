@@ -214,8 +214,11 @@ def _text_loss_terms(
     shift_logits = logits[:, :-1, :]  # batch_size x (T-1) x vocab
     shift_labels = labels[:, 1:]  # batch_size x (T-1)
     token_loss = F.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # batch_size x (T-1), 0 where ignored
+        shift_logits.reshape(-1, shift_logits.shape[-1]),  # (batch_size * (T-1)) x vocab
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)  # batch_size x (T-1), 0 where ignored
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1)  # batch_size
     yield token_loss.sum(dim=1) / counts.clamp(min=1)
 
@@ -384,9 +387,16 @@ def _collect_hooks(
 
     handles = [entry.module.register_forward_hook(make_hook(entry)) for entry in plan]
     called: set[int] = set()
+    # Text batches are formed from samples of similar length (less padding); results go back to
+    # the callers' order through ``index``.
+    order = torch.arange(n)
+    if task != "text-to-image":
+        lengths = torch.tensor([int(e["input_ids"].shape[0]) for e in examples])
+        order = torch.argsort(lengths, stable=True)
     try:
         for start in range(0, n, batch_size):
-            chunk = examples[start : start + batch_size]
+            index = order[start : start + batch_size]  # rows of this mini-batch
+            chunk = [examples[int(i)] for i in index]
             rows = len(chunk)
             block_rows = {
                 name: torch.zeros((rows, g.shape[1]), dtype=torch.float32, device=device)
@@ -407,9 +417,9 @@ def _collect_hooks(
                     _accumulate_linear(entry, x, g, rows, block_rows)
                 for entry in plan:
                     entry.calls.clear()
-                losses[start : start + rows] += term.detach().double().cpu()
+                losses[index] += term.detach().double().cpu()
             for name, value in block_rows.items():
-                grads[name][start : start + rows] = value.cpu()
+                grads[name][index] = value.cpu()
             if progress is not None:
                 progress(start + rows, n)
     finally:
