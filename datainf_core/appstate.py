@@ -688,6 +688,44 @@ def shortcut_script(keys: Mapping[str, str], *, scope: str = "datainf-review") -
 </script>"""
 
 
+def predict_labels(
+    project: Any, model: Any, tokenizer: Any, df: pd.DataFrame, *, batch_size: int = 64
+) -> pd.Series:
+    """The label the adapted classifier predicts for every row of ``df`` (argmax of the logits).
+
+    Args:
+        project: A classification project (its ``labels`` give the class names).
+        model: The adapted model (``models.load_adapted_model``), in eval mode.
+        tokenizer: Its tokenizer.
+        df: Rows to classify, e.g. the train split.
+        batch_size: Rows per forward pass.
+
+    Returns:
+        Shape ``(len(df),)`` Series of label names, indexed by row position, named
+        ``predicted_label``.
+    """
+    import torch
+
+    from datainf_core import data
+    from datainf_core.batching import collate_examples
+
+    if project.task != "classification":
+        raise AppError(f"predicted labels need a classification project, got task {project.task!r}")
+    names = list(project.data.labels or [])
+    examples = data.build_examples(project, df, tokenizer)
+    device = next(model.parameters()).device
+    pad_id = int(tokenizer.pad_token_id or 0)
+    predicted: list[torch.Tensor] = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate_examples(examples[start : start + batch_size], pad_token_id=pad_id)
+            batch.pop("labels", None)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits  # batch x labels
+            predicted.append(logits.argmax(dim=-1).cpu())
+    ids = torch.cat(predicted).tolist() if predicted else []
+    return pd.Series([names[i] for i in ids], index=range(len(ids)), name="predicted_label")
+
+
 # ---- explorer ----------------------------------------------------------------------------------
 
 

@@ -154,6 +154,41 @@ def run_table(project: Any, run_id: str, what: str) -> Any:
         return None
 
 
+@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+def _adapted_model(root: str, stamp: tuple[float, ...]) -> tuple[Any, Any]:
+    from datainf_core import models
+    from datainf_core.project import load_project
+
+    project = load_project(root)
+    model = models.load_adapted_model(project, device="auto", is_trainable=False)
+    return model, models.load_tokenizer(project)
+
+
+@st.cache_data(max_entries=4, show_spinner="Predicting labels with the model…")
+def _predicted(root: str, stamp: tuple[float, ...]) -> pd.Series:
+    from datainf_core.data import load_split
+    from datainf_core.project import load_project
+
+    project = load_project(root)
+    model, tokenizer = _adapted_model(root, stamp)
+    return appstate.predict_labels(project, model, tokenizer, load_split(project, "train"))
+
+
+def predicted_labels(project: Any) -> pd.Series | None:
+    """The adapted model's predicted label per train row (cached per adapter and data file)."""
+    adapter = project.adapter_path
+    if project.task != "classification" or adapter is None:
+        return None
+    stamp = appstate.file_stamp(
+        project.train_path, project.project_file, Path(adapter) / "adapter_model.safetensors"
+    )
+    try:
+        return _predicted(str(project.root), stamp)
+    except DataInfError as exc:
+        st.error(str(exc))
+        return None
+
+
 @st.cache_resource(show_spinner=False)
 def device_text() -> str:
     """The compute device, e.g. ``CUDA: NVIDIA H200`` or ``CPU (2 threads)``."""

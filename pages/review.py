@@ -13,6 +13,7 @@ from pages.common import (
     ensure_app_ran,
     finished_runs,
     load_split,
+    predicted_labels,
     require_project,
     run_table,
     show_image,
@@ -51,6 +52,9 @@ if signal_names:
 predicted = None
 if signals is not None and "predicted_label" in signals.columns:
     predicted = signals.set_index("train_index")["predicted_label"]
+elif labels and len(labels) > 2:
+    # Several classes: pre-fill relabels with the model's prediction (binary: the other label).
+    predicted = predicted_labels(project)
 
 queue = appstate.build_queue(
     train_df, signals, store.current(), signal=signal, label_column=label_col,

@@ -384,3 +384,21 @@ def test_retrain_on_cleaned(tiny):
     assert np.isfinite(result["after"]["val_loss"])
     assert Path(result["adapter_path"]).is_dir()
     assert project.project_file.read_bytes() == toml_before  # the project is left alone
+
+
+def test_predict_labels_matches_one_by_one(tiny):
+    import torch
+
+    from datainf_core import data, models
+
+    project, _ = tiny
+    model = models.load_adapted_model(project, device="cpu", is_trainable=False)
+    tokenizer = models.load_tokenizer(project)
+    df = data.load_split(project, "train").iloc[:7]
+    batched = appstate.predict_labels(project, model, tokenizer, df, batch_size=3)
+    expected = []
+    with torch.no_grad():
+        for text in df["text"]:
+            encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=32)
+            expected.append(project.data.labels[int(model(**encoded).logits.argmax())])
+    assert batched.tolist() == expected
