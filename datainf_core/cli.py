@@ -200,6 +200,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         bar.close()
     print(f"run {folder.name} finished in {time.perf_counter() - started:.1f} s")
     print(f"results in {folder}")
+    timings = runs.load_timings(project, folder.name)
+    if timings:
+        print(
+            "stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
+        )
     evaluation = runs.load_evaluation(project, folder.name)
     if evaluation and evaluation.get("detection_auc"):
         aucs = ", ".join(f"{k} {v:.3f}" for k, v in evaluation["detection_auc"].items())

@@ -782,16 +782,23 @@ def start_run_process(project: Project, settings: RunSettings) -> str:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with (folder / "worker.log").open("ab") as log:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-            cwd=str(project.root),
-        )
+    try:
+        with (folder / "worker.log").open("ab") as log:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                cwd=str(project.root),
+            )
+    except OSError as exc:
+        status.update({"state": "failed", "error": f"cannot start the worker: {exc}"})
+        write_json(folder / STATUS_FILE, status)
+        raise RunError(
+            f"cannot start the run worker ({exc}); check that {sys.executable} still exists"
+        ) from exc
     status["pid"] = process.pid
     write_json(folder / STATUS_FILE, status)
     logger.info("started run %s (pid %d)", run_id, process.pid)
