@@ -242,3 +242,26 @@ def test_nproc_2_equals_one_process(cls_project: Project, finished_run: str) -> 
     from tolerances import DIST_RTOL
 
     np.testing.assert_allclose(two, one, rtol=DIST_RTOL, atol=ENGINE_ATOL)
+
+
+def test_interrupted_run_then_rerun_gives_the_same_scores(
+    cls_project: Project, finished_run: str, monkeypatch
+) -> None:
+    from datainf_core import influence
+
+    settings = runs.load_settings(cls_project, finished_run)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(influence, "compute_self_influence", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            runs.execute_run(cls_project, settings, run_id="interrupted")
+    status = runs.read_status(cls_project, "interrupted")
+    assert status["state"] == "cancelled" and status["stage"] == "self-influence"
+    assert not (cls_project.runs_dir / "interrupted" / "signals.parquet").exists()
+    again = runs.execute_run(cls_project, settings)
+    pd.testing.assert_frame_equal(
+        runs.load_signals(cls_project, again.name), runs.load_signals(cls_project, finished_run)
+    )
