@@ -124,11 +124,34 @@ class RunSettings:
             )
         if self.nproc < 1:
             raise RunError(f"nproc must be at least 1, got {self.nproc}")
+        _check_device(self.device)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunSettings:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _check_device(device: str) -> None:
+    """RunError for a device name torch does not know or this machine does not have."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise RunError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available()
+        and (parsed.index is None or parsed.index < torch.cuda.device_count()),
+        "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+    }.get(parsed.type, False)
+    if not available:
+        raise RunError(
+            f"device {device!r} is not available on this machine; use --device auto or cpu"
+        )
 
 
 @dataclass

@@ -149,6 +149,8 @@ def test_failure_is_recorded_in_status(cls_project: Project, tmp_path: Path) -> 
         (runs.RunSettings(damping=float("nan")), "damping must be a finite number"),
         (runs.RunSettings(loss_tokens="middle"), "loss_tokens 'middle'"),
         (runs.RunSettings(nproc=0), "nproc must be at least 1"),
+        (runs.RunSettings(device="tpu9"), "unknown device 'tpu9'"),
+        (runs.RunSettings(device="cuda:99"), "device 'cuda:99' is not available"),
     ],
 )
 def test_run_settings_validation(settings: runs.RunSettings, pattern: str) -> None:
