@@ -138,7 +138,7 @@ def gradient_rows(size: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=800, help="text demo size for gradients")
+    parser.add_argument("--size", type=int, default=600, help="text demo size for gradients")
     args = parser.parse_args(argv)
     textbench.quiet()
     if not torch.cuda.is_available():

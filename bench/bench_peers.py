@@ -7,7 +7,7 @@ same adapter tensors (the LoRA A/B matrices and the classifier head). For each: 
 score (mean over queries; sign made "positive = harmful" for every tool), plus the Pearson
 correlation with this engine's matching method. Writes bench/results/peers.json.
 
-    .venv/bin/python bench/bench_peers.py [--size 800]
+    .venv/bin/python bench/bench_peers.py [--size 600]
 
 Peers come from bench/requirements-bench.txt; a peer that is not installed gets a row saying so.
 """
@@ -270,9 +270,9 @@ def curve_points(signal: np.ndarray, is_noisy: np.ndarray, points: int = 21) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=800)
+    parser.add_argument("--size", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-epochs", type=int, default=6)
+    parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--skip", nargs="*", default=[], help="kronfluence, dattri")
     args = parser.parse_args(argv)
@@ -287,10 +287,32 @@ def main(argv: list[str] | None = None) -> int:
     is_noisy = inputs.train_df["is_noisy"].to_numpy(dtype=bool)
     ours = run_ours(inputs, ["datainf", "hessian_free", "exact"])
     lam = relative_lambda(ours["_grads"]["train"])
+    # The same formula with dattri's damping (one absolute λ for every block): a fidelity check.
+    from datainf_core.influence import compute_influence
+
+    started = time.perf_counter()
+    absolute = compute_influence(
+        ours["_grads"]["train"],
+        ours["_grads"]["query"],
+        method="datainf",
+        damping=lam,
+        damping_mode="absolute",
+        aggregate="mean",
+    )
+    ours["datainf_absolute"] = {
+        "scores": absolute.double().numpy(),
+        "seconds": ours["_grads"]["seconds"] + time.perf_counter() - started,
+    }
     results: list[tuple[str, str, str, dict[str, Any]]] = [
         ("DataInf Studio", "datainf", "datainf", ours["datainf"]),
         ("DataInf Studio", "hessian_free (identity)", "hessian_free", ours["hessian_free"]),
         ("DataInf Studio", "exact", "exact", ours["exact"]),
+        (
+            "DataInf Studio",
+            f"datainf (absolute λ {lam:.2e}, as given to dattri)",
+            "datainf_absolute",
+            ours["datainf_absolute"],
+        ),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for strategy, match in (("ekfac", "exact"), ("identity", "hessian_free")):
@@ -310,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         res = {"error": "not installed (bench/requirements-bench.txt)"}
     else:
         res = _attempt("dattri", lambda: run_dattri(inputs, lam, args.batch_size))
-    results.append(("dattri", f"datainf (regularization {lam:.2e})", "datainf", res))
+    results.append(("dattri", f"datainf (regularization {lam:.2e})", "datainf_absolute", res))
 
     rows = []
     curves: dict[str, dict[str, list]] = {}
