@@ -230,6 +230,53 @@ def _is_matrix(value: Mapping[str, Any]) -> bool:
     )
 
 
+def _flatten(record: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Scalar leaves of a nested dict keyed by their path (curves and long lists left out)."""
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, value in record.items():
+        path = (*prefix, str(key))
+        if _is_scalar(value):
+            flat[path] = value
+        elif isinstance(value, dict) and not _is_curve(value):
+            flat.update(_flatten(value, path))
+    return flat
+
+
+def _is_records(value: Any) -> bool:
+    """A dict of two or more nested dicts (e.g. one per seed or run) that is not a matrix."""
+    return (
+        isinstance(value, dict)
+        and len(value) >= 2
+        and all(isinstance(v, dict) and not _is_curve(v) for v in value.values())
+        and not _is_matrix(value)
+    )
+
+
+def render_records(records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One table per group of leaves sharing a parent path; a row per record."""
+    flat = {key: _flatten(record) for key, record in records.items()}
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for leaves in flat.values():
+        for path in leaves:
+            names = groups.setdefault(path[:-1], [])
+            if path[-1] not in names:
+                names.append(path[-1])
+    blocks: list[str] = []
+    for parent, names in groups.items():
+        rows = [
+            {"": key, **{leaf: flat[key].get((*parent, leaf)) for leaf in names}} for key in records
+        ]
+        if len(names) > 12:  # wide: records as columns instead
+            rows = [
+                {"": leaf, **{key: flat[key].get((*parent, leaf)) for key in records}}
+                for leaf in names
+            ]
+        if parent:
+            blocks.append(f"*{'.'.join(parent)}*")
+        blocks.append(markdown_table(rows))
+    return blocks
+
+
 def render_json(data: Any, *, heading_level: int = 3, name: str = "") -> list[str]:
     """Markdown blocks for one benchmark's JSON (generic, see the module docstring)."""
     blocks: list[str] = []
@@ -277,6 +324,8 @@ def render_json(data: Any, *, heading_level: int = 3, name: str = "") -> list[st
         blocks.append(f"{hashes} {key}")
         if isinstance(value, dict) and _is_matrix(value):
             blocks.append(markdown_table([{"": row, **inner} for row, inner in value.items()]))
+        elif _is_records(value):
+            blocks += render_records(value)
         else:
             blocks += render_json(value, heading_level=heading_level + 1, name=key)
     return blocks

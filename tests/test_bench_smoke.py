@@ -59,12 +59,13 @@ def _fake_results(folder: Path, report) -> None:
         },
         "gpu": {"available": False, "note": "no CUDA device on this machine"},
         "text_demo": {
-            "default": {
-                "detection_auc": {"datainf": 0.8, "train_loss": 0.9},
-                "detection_curve": {
-                    "datainf": {"fraction_inspected": [0, 0.5, 1], "fraction_found": [0, 0.8, 1]}
-                },
-            }
+            "runs": {
+                "seed0/default": {"detection": {"single": {"datainf": 0.8, "train_loss": 0.9}}},
+                "seed0/overfit": {"detection": {"single": {"datainf": 0.85, "train_loss": 0.6}}},
+            },
+            "curves": {
+                "datainf": {"fraction_inspected": [0, 0.5, 1], "fraction_found": [0, 0.8, 1]}
+            },
         },
     }
     for name, data in files.items():
@@ -105,7 +106,8 @@ def test_report_has_machine_versions_and_tables(tmp_path: Path, report) -> None:
     assert "no CUDA device on this machine" in text
     # A timed-out benchmark says so, with its log tail.
     assert "Status: timeout" in text and "killed after 300 s" in text
-    assert "| datainf | 0.8 |" in text
+    # Records (one per seed/regime) become one table with a row each.
+    assert "| seed0/default | 0.8 | 0.9 |" in text and "| seed0/overfit | 0.85 | 0.6 |" in text
 
 
 def test_merge_repeats_keeps_equal_values_and_spreads_others(report) -> None:
