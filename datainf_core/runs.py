@@ -855,9 +855,10 @@ def read_status(project: Project, run_id: str) -> dict[str, Any]:
     except FileNotFoundError:
         return {"run_id": run_id, "state": "failed", "stage": "?", "done": 0, "total": 0,
                 "eta": None, "error": "no status.json (the run never started)"}  # fmt: skip
-    except json.JSONDecodeError:
-        time.sleep(0.05)  # written atomically, so this only happens on a foreign writer
-        status = json.loads((folder / STATUS_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        # Written atomically by the worker, so only a foreign edit or a broken disk gets here.
+        return {"run_id": run_id, "state": "failed", "stage": "?", "done": 0, "total": 0,
+                "eta": None, "error": "status.json is unreadable; start the run again"}  # fmt: skip
     state = status.get("state")
     stale = state == "running" or (
         # A just-started worker gets a moment to take over status.json.
