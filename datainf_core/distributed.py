@@ -34,6 +34,32 @@ def shard_range(n: int, rank: int, world_size: int) -> slice:
     return slice(start, start + per + (1 if rank < extra else 0))
 
 
+class ShardBlock:
+    """Rows ``rows`` of a train block (tensor or lazy store block), as a block of its own.
+
+    Keeps the lazy-block contract: ``.shape`` is ``(rows, d_block)`` and ``[start:stop]`` reads
+    only those rows of the underlying block.
+    """
+
+    def __init__(self, block: Any, rows: slice) -> None:
+        self._block, self._offset = block, rows.start
+        self.shape = (rows.stop - rows.start, int(block.shape[1]))
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start = self._offset + (rows.start or 0)
+        stop = self._offset + min(self.shape[0], self.shape[0] if rows.stop is None else rows.stop)
+        return self._block[start:stop]
+
+
+def shard_gradients(
+    train_grads: Mapping[str, Any], rank: int, world_size: int
+) -> dict[str, ShardBlock]:
+    """This rank's contiguous shard (:func:`shard_range`) of every train block, read lazily."""
+    n = int(next(iter(train_grads.values())).shape[0])
+    rows = shard_range(n, rank, world_size)
+    return {name: ShardBlock(block, rows) for name, block in train_grads.items()}
+
+
 def _reducer(group: Any) -> Any:
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)

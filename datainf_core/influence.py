@@ -279,16 +279,17 @@ def _full_scale(norms: Mapping[str, torch.Tensor], n_local: int) -> torch.Tensor
 
 
 def _lambda(ctx: _Context, name: str, sum_sq: float) -> float:
-    """λ_b: ``damping`` (absolute) or damping · Σ_i ‖g_bi‖² / (n d_b) (relative, as in the paper)."""
+    """λ_b: ``damping`` (absolute) or damping · Σ_i ‖g_bi‖² / (n d_b) (relative, as in the paper).
+
+    A block whose training gradients are all zero (e.g. ``lora_A`` while ``lora_B`` is still at its
+    zero initialisation) scores 0 whatever λ is; it gets λ = ``damping`` and a warning.
+    """
     if not ctx.relative:
         return ctx.damping
-    lam = ctx.damping * sum_sq / (ctx.n_total * ctx.dims[name])
-    if lam <= 0:
-        raise InfluenceInputError(
-            f"train gradient block {name!r} is all zeros, so relative damping gives λ = 0; drop "
-            "the block (e.g. lora_A with B initialised to zero) or use damping_mode='absolute'"
-        )
-    return lam
+    if sum_sq <= 0:
+        logger.warning("train gradient block %r is all zeros; it adds nothing to the scores", name)
+        return ctx.damping
+    return ctx.damping * sum_sq / (ctx.n_total * ctx.dims[name])
 
 
 # 3. Per-block vectors r_b ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from tolerances import DIST_RTOL
 from datainf_core.distributed import (
     compute_influence_distributed,
     compute_self_influence_distributed,
+    shard_gradients,
     shard_range,
 )
 from datainf_core.errors import InfluenceInputError
@@ -48,7 +49,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
     try:
         train, query = _grads(N, 0), _grads(M, 1)
         rows = shard_range(N, rank, world)
-        shard = {name: block[rows] for name, block in train.items()}
+        shard = shard_gradients(train, rank, world)  # lazy views of this rank's rows
         results = [
             compute_influence_distributed(shard, query, chunk_size=4, **kwargs)
             for kwargs in SETTINGS

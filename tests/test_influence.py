@@ -338,6 +338,15 @@ def test_bad_input_raises_value_error(kind, message, method):
         compute_influence(train, query, **kwargs)
 
 
+def test_all_zero_block_adds_nothing():
+    train, query = make_grads(10, [4, 5], 3), make_grads(2, [4, 5], 4)
+    zeroed = dict(train, **{"layer0.lora_A": torch.zeros(10, 4)})
+    only = {"layer1.lora_B": train["layer1.lora_B"]}
+    query_only = {"layer1.lora_B": query["layer1.lora_B"]}
+    got = compute_influence(zeroed, query, aggregate=None)
+    assert_close(got, compute_influence(only, query_only, aggregate=None))
+
+
 def test_self_influence_rejects_nan():
     train = make_grads(8, [4, 5], 1)
     train["layer0.lora_A"][5, 0] = float("inf")
