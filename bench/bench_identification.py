@@ -32,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench_identification")
+SIZE_ARGS = ("train_per_class", "test_per_class", "epochs")
 
 
 def _categories(df: Any, column: str) -> np.ndarray:
@@ -109,16 +110,28 @@ def score_all(
     return out
 
 
-def build(task: str, seed: int, work: Path) -> tuple[Any, float]:
+def build(task: str, seed: int, work: Path, args: argparse.Namespace) -> tuple[Any, float]:
+    """Builds (or loads) one demo; sizes other than the demo's defaults get their own folder."""
     began = time.perf_counter()
+    sizes: dict[str, int] = {}
+    if args.train_per_class is not None:
+        key = "train_per_class" if task == "generation" else "train_per_style"
+        sizes[key] = args.train_per_class
+    if args.test_per_class is not None:
+        key = "test_per_class" if task == "generation" else "test_per_style"
+        sizes[key] = args.test_per_class
+    if args.epochs is not None:
+        sizes["epochs"] = args.epochs
+    suffix = "".join(f"-{k.split('_')[0]}{v}" for k, v in sorted(sizes.items()))
+    folder = work / f"{task}-seed{seed}{suffix}"
     if task == "generation":
         from datainf_core.demos.generation import build_generation_demo
 
-        project = build_generation_demo(work / f"generation-seed{seed}", seed=seed)
+        project = build_generation_demo(folder, seed=seed, **sizes)
     else:
         from datainf_core.demos.image import build_image_demo
 
-        project = build_image_demo(work / f"image-seed{seed}", seed=seed)
+        project = build_image_demo(folder, seed=seed, **sizes)
     return project, time.perf_counter() - began
 
 
@@ -172,16 +185,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--loss-tokens", nargs="+", default=["prompt", "response"])
+    parser.add_argument("--train-per-class", type=int, help="smaller demo (default: the demo's)")
+    parser.add_argument("--test-per-class", type=int, help="smaller demo (default: the demo's)")
+    parser.add_argument("--epochs", type=int, help="LoRA epochs (default: the demo's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy CPU)")
+    parser.add_argument("--tag", default="", help="suffix of the result keys, e.g. -small")
     parser.add_argument("--work", type=Path, default=ROOT / "demo-projects" / "identification")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "identification.json"
     )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"runs": {}}
     if args.out.exists():
@@ -189,7 +207,7 @@ def main() -> None:
         results.setdefault("runs", {})
     for task in args.task:
         for seed in args.seeds:
-            project, build_seconds = build(task, seed, args.work)
+            project, build_seconds = build(task, seed, args.work, args)
             settings = args.loss_tokens if task == "generation" else ["denoising"]
             for setting in settings:
                 began = time.perf_counter()
@@ -200,11 +218,12 @@ def main() -> None:
                 grad_seconds = time.perf_counter() - began
                 methods = score_all(train, query, train_cat, query_cat, args.methods)
                 del train, query
-                results["runs"].setdefault(f"{task}/{setting}", {})[str(seed)] = {
+                results["runs"].setdefault(f"{task}{args.tag}/{setting}", {})[str(seed)] = {
                     "build_seconds": round(build_seconds, 1),
                     "gradient_seconds": round(grad_seconds, 1),
                     "n_train": int(train_cat.size),
                     "n_test": int(query_cat.size),
+                    "sizes": {k: v for k, v in vars(args).items() if k in SIZE_ARGS},
                     "methods": methods,
                 }
                 results["table"] = summarise(results)

@@ -21,10 +21,11 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=image.BASE_MAX_SECONDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(image.ASSET_DIR))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy CPU)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    torch.set_num_threads(args.threads)
     out = image.train_image_base(
         args.out, steps=args.steps, max_seconds=args.max_seconds, seed=args.seed
     )

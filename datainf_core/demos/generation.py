@@ -253,9 +253,17 @@ def ensure_smollm2_base(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def write_demo_tables(data_dir: Path, *, seed: int = 0) -> tuple[Path, Path]:
+def write_demo_tables(
+    data_dir: Path,
+    *,
+    seed: int = 0,
+    train_per_class: int = TRAIN_PER_CLASS,
+    test_per_class: int = TEST_PER_CLASS,
+) -> tuple[Path, Path]:
     """Writes ``train.jsonl`` and ``test.jsonl`` of the demo into ``data_dir``; returns both paths."""
-    train, test = make_transformation_data(seed=seed)
+    train, test = make_transformation_data(
+        seed=seed, train_per_class=train_per_class, test_per_class=test_per_class
+    )
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = (data_dir / "train.jsonl", data_dir / "test.jsonl")
     for table, path in zip((train, test), paths, strict=True):
@@ -272,6 +280,9 @@ def build_generation_demo(
     progress: Progress | None = None,
     cache_dir: Path | None = None,
     epochs: int = EPOCHS,
+    base: Path | str | None = None,
+    train_per_class: int = TRAIN_PER_CLASS,
+    test_per_class: int = TEST_PER_CLASS,
 ) -> Any:
     """Builds the generation demo project in ``root`` (a finished build is loaded, not redone).
 
@@ -288,6 +299,9 @@ def build_generation_demo(
         progress: ``progress(done, total, stage)``.
         cache_dir: Parent of the converted base model; ``default_cache_dir()`` when None.
         epochs: LoRA training epochs.
+        base: Causal LM folder to use instead of SmolLM2 (tests use a tiny random Llama).
+        train_per_class: Training samples per transformation.
+        test_per_class: Test samples per transformation.
 
     Returns:
         The ``project.Project`` (task ``"generation"``, adapter trained).
@@ -303,8 +317,10 @@ def build_generation_demo(
     start = time.perf_counter()
     if progress is not None:
         progress(0, 1, "preparing SmolLM2-135M-Instruct")
-    base = ensure_smollm2_base(cache_dir)
-    train_path, test_path = write_demo_tables(root / "data", seed=seed)
+    base = Path(base) if base is not None else ensure_smollm2_base(cache_dir)
+    train_path, test_path = write_demo_tables(
+        root / "data", seed=seed, train_per_class=train_per_class, test_per_class=test_per_class
+    )
     project = create_project(
         root,
         name="Sentence transformations (generation demo)",
