@@ -515,6 +515,25 @@ def text_columns(project: Any) -> list[str]:
     return [n for n in names if n]
 
 
+def queue_base(
+    train_df: pd.DataFrame, *, label_column: str | None = None, content_columns: Sequence[str] = ()
+) -> pd.DataFrame:
+    """The parts of the queue that depend on the train table only (cache them across reruns).
+
+    Returns:
+        ``train_index, label, preview`` in file order.
+    """
+    n = len(train_df)
+    base = pd.DataFrame({"train_index": np.arange(n, dtype=np.int64)})
+    if label_column is not None and label_column in train_df.columns:
+        base["label"] = pd.Series(_label_strings(train_df[label_column]), dtype=object)
+    else:
+        base["label"] = pd.Series([None] * n, dtype=object)
+    columns = [c for c in content_columns if c in train_df.columns]
+    base["preview"] = pd.Series(_previews(train_df, columns), dtype=object)
+    return base
+
+
 def build_queue(
     train_df: pd.DataFrame,
     signals: pd.DataFrame | None,
@@ -525,6 +544,7 @@ def build_queue(
     content_columns: Sequence[str] = (),
     labels: Sequence[str] | None = None,
     predicted: pd.Series | None = None,
+    base: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The review queue: one row per training sample, most suspicious first.
 
@@ -537,44 +557,83 @@ def build_queue(
         content_columns: Columns shown as the preview text.
         labels: The project's labels (for the suggested relabel).
         predicted: Predicted label per ``train_index``, if the run saved one.
+        base: :func:`queue_base` of ``train_df`` if already computed (it is the slow part).
 
     Returns:
         Columns ``train_index, rank, suspicion, label, status, corrected_label, suggested,
         preview``, sorted by ``suspicion`` descending.
     """
     n = len(train_df)
-    queue = pd.DataFrame({"train_index": np.arange(n, dtype=np.int64)})
+    if base is None:
+        base = queue_base(train_df, label_column=label_column, content_columns=content_columns)
+    suspicion = np.full(n, np.nan)
     if signals is not None and signal is not None and signal in signals.columns:
-        values = signals.set_index("train_index")[signal].reindex(range(n))
-        queue["suspicion"] = values.to_numpy(dtype=np.float64)
-    else:
-        queue["suspicion"] = np.nan
-    if label_column is not None and label_column in train_df.columns:
-        queue["label"] = [_label_str(v) for v in train_df[label_column].tolist()]
-    else:
-        queue["label"] = None
-    status = pd.Series("unreviewed", index=range(n), dtype=object)
-    corrected = pd.Series(None, index=range(n), dtype=object)
+        suspicion = signals.set_index("train_index")[signal].reindex(range(n)).to_numpy(np.float64)
+    status = np.full(n, "unreviewed", dtype=object)
+    corrected = np.full(n, None, dtype=object)
     if len(decisions):
-        dec = decisions.set_index("train_index")
-        dec = dec[(dec.index >= 0) & (dec.index < n)]
-        status.loc[dec.index] = dec["action"].to_numpy()
-        corrected.loc[dec.index] = dec["corrected_label"].to_numpy()
-    queue["status"] = status.to_numpy()
-    queue["corrected_label"] = corrected.to_numpy()
-    pred = None if predicted is None else predicted.reindex(range(n)).tolist()
-    queue["suggested"] = [
-        suggest_label(label, labels, None if pred is None else pred[i])
-        for i, label in enumerate(queue["label"].tolist())
-    ]
-    content = [c for c in content_columns if c in train_df.columns]
-    records = train_df[content].to_dict("records") if content else [{}] * n
-    queue["preview"] = [preview_text(r, content) for r in records]
-    queue = queue.sort_values(
-        ["suspicion", "train_index"], ascending=[False, True], na_position="last", kind="stable"
-    ).reset_index(drop=True)
-    queue.insert(1, "rank", np.arange(1, n + 1, dtype=np.int64))
+        index = decisions["train_index"].to_numpy(dtype=np.int64)
+        inside = (index >= 0) & (index < n)
+        status[index[inside]] = decisions["action"].to_numpy(dtype=object)[inside]
+        corrected[index[inside]] = decisions["corrected_label"].to_numpy(dtype=object)[inside]
+    label = base["label"].to_numpy(dtype=object)
+    suggested = _suggestions(base["label"], labels, predicted, n)
+    # Most suspicious first, NaN last, ties in file order.
+    order = np.lexsort((np.arange(n), np.nan_to_num(-suspicion, nan=np.inf)))
+    columns = {
+        "train_index": pd.Series(order.astype(np.int64)),
+        "rank": pd.Series(np.arange(1, n + 1, dtype=np.int64)),
+        "suspicion": pd.Series(suspicion[order]),
+        "label": pd.Series(label[order], dtype=object),
+        "status": pd.Series(status[order], dtype=object),
+        "corrected_label": pd.Series(corrected[order], dtype=object),
+        "suggested": pd.Series(suggested[order], dtype=object),
+        "preview": pd.Series(base["preview"].to_numpy(dtype=object)[order], dtype=object),
+    }
+    queue = pd.DataFrame(columns)
     return queue
+
+
+def _label_strings(values: pd.Series) -> np.ndarray:
+    """Labels as the project spells them (``1.0`` → ``"1"``), vectorised over unique values."""
+    uniques = pd.unique(values)
+    spelled = {value: _label_str(value) for value in uniques}
+    return values.map(spelled).to_numpy(dtype=object)
+
+
+def _suggestions(
+    given: pd.Series, labels: Sequence[str] | None, predicted: pd.Series | None, n: int
+) -> np.ndarray:
+    """:func:`suggest_label` per row, computed once per distinct (given, predicted) pair."""
+    if not labels:
+        return np.full(n, None, dtype=object)
+    given = pd.Series(given.to_numpy(dtype=object), index=range(n))
+    if predicted is None:
+        table = {g: suggest_label(g, labels) for g in pd.unique(given)}
+        return given.map(table).to_numpy(dtype=object)
+    guess = predicted.reindex(range(n)).astype(object)
+    guess = guess.where(guess.notna(), None)
+    pairs = pd.DataFrame({"given": given, "guess": guess})
+    keys = pairs.drop_duplicates()
+    keys["suggested"] = [
+        suggest_label(g, labels, p) for g, p in zip(keys["given"], keys["guess"], strict=True)
+    ]
+    merged = pairs.merge(keys, on=["given", "guess"], how="left")
+    return merged["suggested"].to_numpy(dtype=object)
+
+
+def _previews(df: pd.DataFrame, columns: Sequence[str], width: int = 160) -> np.ndarray:
+    """:func:`preview_text` per row, vectorised with pandas string methods."""
+    if not columns:
+        return np.full(len(df), "", dtype=object)
+    parts = [df[c].astype(object).where(df[c].notna(), "").astype(str) for c in columns]
+    text = parts[0]
+    for part in parts[1:]:
+        text = text.str.cat(part, sep=" → ")
+    text = text.str.replace("\n", " ", regex=False)
+    long = text.str.len() > width
+    text = text.where(~long, text.str.slice(0, width - 1) + "…")
+    return text.to_numpy(dtype=object)
 
 
 def filter_queue(

@@ -126,6 +126,26 @@ def load_split(project: Any, split: str) -> pd.DataFrame | None:
         return None
 
 
+@st.cache_data(max_entries=4, show_spinner=False)
+def _queue_base(root: str, stamp: tuple[float, ...]) -> pd.DataFrame:
+    from datainf_core.project import load_project
+
+    project = load_project(root)
+    label_col = project.data.label_column if project.task == "classification" else None
+    return appstate.queue_base(
+        _load_split(root, "train", stamp),
+        label_column=label_col,
+        content_columns=appstate.text_columns(project),
+    )
+
+
+def queue_base(project: Any) -> pd.DataFrame:
+    """Labels and previews of the train rows for the review queue (cached per train file)."""
+    return _queue_base(
+        str(project.root), appstate.file_stamp(project.train_path, project.project_file)
+    )
+
+
 @st.cache_data(max_entries=16, show_spinner="Reading run results…")
 def _run_table(root: str, run_id: str, what: str, stamp: tuple[float, ...]) -> Any:
     from datainf_core import runs

@@ -14,6 +14,7 @@ from pages.common import (
     finished_runs,
     load_split,
     predicted_labels,
+    queue_base,
     require_project,
     run_table,
     show_image,
@@ -58,7 +59,7 @@ elif labels and len(labels) > 2:
 
 queue = appstate.build_queue(
     train_df, signals, store.current(), signal=signal, label_column=label_col,
-    content_columns=content, labels=labels, predicted=predicted,
+    content_columns=content, labels=labels, predicted=predicted, base=queue_base(project),
 )  # fmt: skip
 
 # ---- progress counts ---------------------------------------------------------------------------
