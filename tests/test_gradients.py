@@ -450,3 +450,14 @@ def test_bfloat16_model_gives_float32_gradients():
         scale = expected[name].abs().max()
         assert (value - expected[name]).abs().max() <= 0.1 * scale + 1e-3, name
     assert losses.dtype == torch.float32
+
+
+def test_merged_adapter_warns_that_layers_are_unused(caplog):
+    model = tiny_classifier(0)
+    model.merge_adapter()  # LoRA folded into the base weights: the LoRA layers are not called
+    with caplog.at_level("WARNING", logger="datainf_core.gradients"):
+        grads = collect_gradients(
+            model, classification_examples(2, 0), task="classification", device="cpu"
+        )
+    assert "never used" in caplog.text
+    assert all(grads[name].abs().sum() == 0 for name in grads if "lora_" in name)
