@@ -9,6 +9,7 @@ import plotly.express as px
 import streamlit as st
 
 from datainf_core import appstate
+from datainf_core.review import ReviewStore
 from pages.common import (
     ensure_app_ran,
     load_split,
@@ -43,6 +44,7 @@ method = top[1].selectbox("Method", methods, key="explorer_method")
 k = top[2].slider("How many of each", 3, 20, 5, key="explorer_k")
 label_col = project.data.label_column if project.task == "classification" else None
 content = appstate.text_columns(project)
+decided = ReviewStore(project.reviews_path).current().set_index("train_index")
 image_col = project.data.image_column if project.task == "text-to-image" else None
 
 
@@ -58,6 +60,9 @@ def sample_card(
         if score is not None:
             colour = "red" if score > 0 else "green"
             head += f" · :{colour}[score **{score:+.4g}**]"
+        if title == "train" and index in decided.index:
+            action = decided.loc[index, "action"]
+            head += f" · :blue-badge[{appstate.STATUS_NAMES.get(action, action)}]"
         st.markdown(head)
         if image_col:
             show_image(row[image_col], width=120)

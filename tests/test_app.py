@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fixtures import make_tiny_classification_project
+from fixtures import make_tiny_classification_project, make_tiny_generation_project
 from streamlit.testing.v1 import AppTest
 
 from datainf_core import appstate, runs
@@ -250,6 +250,17 @@ def test_pages_with_tiny_project(monkeypatch, tiny):
     assert at.selectbox(key="explorer_run").value == run_id
     assert any("Positive = harmful" in i.value for i in at.info)  # the sign is explained
     assert len(at.tabs) == 2
+
+
+def test_pages_with_generation_project_and_no_run(monkeypatch, tmp_path):
+    project = make_tiny_generation_project(tmp_path)
+    at = _app(monkeypatch, DATAINF_PROJECT=str(project.root))
+    _visit_all(at)
+    at.switch_page("pages/review.py").run()
+    assert at.button(key="review_keep").disabled is False
+    at.button(key="review_keep").click().run()
+    assert ReviewStore(project.reviews_path).counts()["keep"] == 1
+    assert not at.exception
 
 
 def test_review_actions_change_database(monkeypatch, tiny):
