@@ -648,10 +648,9 @@ def build_report(
     if plot_note:
         lines += [f"Plots: {plot_note}.", ""]
     known = [name for name, _, _ in SECTIONS]
+    # Only run_all's benchmarks: other JSON files in the folder (scratch, helpers) stay out.
     sections = list(SECTIONS) + [
-        (name, f"Other: {name}", "")
-        for name in sorted(set(results) | set(outcomes))
-        if name not in known
+        (name, f"Other: {name}", "") for name in sorted(outcomes) if name not in known
     ]
     for name, title, what in sections:
         lines += [f"## {title}", ""]
