@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         "peak_extra_mib",
         "plain_note",
     ]
-    print(f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s; torch threads: {torch.get_num_threads()}")
+    print(
+        f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s; torch threads: {torch.get_num_threads()}; "
+        f"load average: {os.getloadavg()[0]:.1f}"
+    )
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+            "load_average_1min": round(os.getloadavg()[0], 1),
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
