@@ -421,7 +421,7 @@ def minilm_path() -> Path:
 def demo_train_settings(*, seed: int = 0, overfit: bool = False) -> TrainSettings:
     """Training settings of the demo: LoRA r=8 on query/value, early stopping, or fit the noise.
 
-    The default regime stops when the validation loss has not improved for 2 epochs and keeps
+    The default regime stops when the validation loss has not improved for 3 epochs and keeps
     the best epoch. ``overfit`` trains on with a higher learning rate until the training accuracy
     on the labels as given (flipped ones included) reaches 90% (with 20% flipped, that is about
     half of the flipped labels fit), and keeps the last epoch.
@@ -430,17 +430,17 @@ def demo_train_settings(*, seed: int = 0, overfit: bool = False) -> TrainSetting
 
     if overfit:
         return TrainSettings(
-            epochs=30,
+            epochs=25,
             rank=8,
             alpha=16,
-            lr=5e-3,
-            batch_size=16,
+            lr=2e-3,
+            batch_size=8,
             patience=None,
             seed=seed,
             restore_best=False,
             stop_at_train_accuracy=0.9,
         )
-    return TrainSettings(epochs=15, rank=8, alpha=16, lr=2e-3, batch_size=16, patience=2, seed=seed)
+    return TrainSettings(epochs=12, rank=8, alpha=16, lr=1e-3, batch_size=8, patience=3, seed=seed)
 
 
 def build_text_demo(
