@@ -144,7 +144,9 @@ def detection_table(signals: pd.DataFrame, truth: np.ndarray) -> dict[str, Any]:
     }
 
 
-def retrain_experiment(root: Path, signals: pd.DataFrame, *, seed: int) -> dict[str, Any]:
+def retrain_experiment(
+    root: Path, signals: pd.DataFrame, *, seed: int, which: tuple[str, ...] = ("top", "random")
+) -> dict[str, Any]:
     """Retrains without the top-k suspects vs without k random samples (k = flipped count)."""
     project = load_project(root)
     train_df = pd.read_csv(project.train_path)
@@ -163,7 +165,11 @@ def retrain_experiment(root: Path, signals: pd.DataFrame, *, seed: int) -> dict[
     info = json.loads((root / BUILD_INFO).read_text())
     out["full_train_set"] = {"val_accuracy": info["val_accuracy"], "val_loss": info["val_loss"]}
     settings = demo_train_settings(seed=seed)
-    for name, drop in (("without_top_suspects", suspects), ("without_random", random_drop)):
+    variants = {
+        "top": ("without_top_suspects", suspects),
+        "random": ("without_random", random_drop),
+    }
+    for name, drop in (variants[w] for w in which):
         kept_df = train_df.drop(index=drop).reset_index(drop=True)
         began = time.perf_counter()
         result = train_adapter(
@@ -183,6 +189,58 @@ def retrain_experiment(root: Path, signals: pd.DataFrame, *, seed: int) -> dict[
     return out
 
 
+def report_run(key: str, info: dict[str, Any], timings: dict[str, float], table: dict) -> None:
+    """Prints one demo run's figures."""
+    print(
+        f"\n{key}: build {info['seconds']} s (val acc {info['val_accuracy']}, epoch "
+        f"{info['kept_epoch']}/{info['epochs_trained']}, train acc on given labels "
+        f"{info['train_accuracy_on_given_labels']}), run {round(sum(timings.values()), 1)} s "
+        f"{timings}"
+    )
+    for name, auc in table["single"].items():
+        print(f"  {name:>40}: {auc:.4f}")
+    for name, auc in table["combinations"].items():
+        print(f"  {name:>40}: {auc:.4f}")
+    verdict = "OK" if table["within_tolerance"] else "OVER"
+    print(
+        f"  gap best single ({table['best_single']}) - combined = {table['gap']:+.4f} "
+        f"({verdict} {TOLERANCE})"
+    )
+
+
+def collect(workdir: Path, out: Path) -> int:
+    """Re-evaluates every built demo with a finished run in ``workdir``; writes ``out``."""
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    results: dict[str, Any] = {"tolerance": TOLERANCE, "runs": {}}
+    if "retrain" in previous:
+        results["retrain"] = previous["retrain"]
+    for info_path in sorted(workdir.glob("seed*-*-n*/" + BUILD_INFO)):
+        root = info_path.parent
+        seed, regime, size = root.name.split("-")
+        project = load_project(root)
+        run_id = runs.latest_run(project)
+        if run_id is None:
+            continue
+        info = json.loads(info_path.read_text())
+        signals = runs.load_signals(project, run_id).drop(columns=["combined"], errors="ignore")
+        timings = runs.load_timings(project, run_id)
+        truth = pd.read_csv(root / "train.csv")["is_noisy"].to_numpy(dtype=bool)
+        table = detection_table(signals, truth[signals["train_index"].to_numpy()])
+        key = f"{seed}/{regime}/{size}"
+        results["runs"][key] = {
+            "build": {k: v for k, v in info.items() if k != "history"},
+            "run_id": run_id,
+            "run_seconds": timings,
+            "detection": table,
+        }
+        report_run(key, info, timings, table)
+    checks = [r["detection"]["within_tolerance"] for r in results["runs"].values()]
+    results["all_within_tolerance"] = bool(checks) and all(checks)
+    save(results, out)
+    print(f"\ncombined within {TOLERANCE} everywhere: {results['all_within_tolerance']} ({out})")
+    return 0
+
+
 def save(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
@@ -198,8 +256,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--skip-retrain", action="store_true")
+    parser.add_argument("--retrain-root", type=Path, help="only the retraining experiment")
+    parser.add_argument("--retrain-which", nargs="+", default=["top", "random"])
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: re-evaluate every finished demo run in --workdir (e.g. after runs "
+        "in parallel processes, or after changing combined_ranking) and write --out",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.collect:
+        return collect(args.workdir, args.out)
+    if args.retrain_root is not None:
+        project = load_project(args.retrain_root)
+        run_id = runs.latest_run(project)
+        assert run_id is not None, f"no finished run in {args.retrain_root}"
+        signals = runs.load_signals(project, run_id).drop(columns=["combined"], errors="ignore")
+        retrain = retrain_experiment(
+            args.retrain_root, signals, seed=args.seeds[0], which=tuple(args.retrain_which)
+        )
+        print(json.dumps(retrain, indent=2))
+        save({"retrain": {"root": str(args.retrain_root), **retrain}}, args.out)
+        return 0
     results: dict[str, Any] = (
         json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
     )
