@@ -356,7 +356,11 @@ class Project:
                     "to the project folder) or create the file"
                 )
         adapter = self.adapter_path
-        if adapter is not None and not adapter.is_dir():
+        # A diffusers LoRA may be a single .safetensors file; PEFT adapters are folders.
+        found = adapter is not None and (
+            adapter.is_dir() or (self.task == "text-to-image" and adapter.is_file())
+        )
+        if adapter is not None and not found:
             raise ProjectError(
                 f"project.toml: [model] adapter folder not found: {adapter}; fix the path or run "
                 "`datainf train` to create one"

@@ -267,3 +267,30 @@ def test_interrupted_run_then_rerun_gives_the_same_scores(
     pd.testing.assert_frame_equal(
         runs.load_signals(cls_project, again.name), runs.load_signals(cls_project, finished_run)
     )
+
+
+@pytest.mark.slow
+def test_text_to_image_run(tmp_path: Path) -> None:
+    """A tiny random Stable Diffusion folder with a diffusers LoRA file, imagefolder data."""
+    from test_diffusion import make_sd_folder, write_imagefolder
+
+    from datainf_core.project import create_project
+
+    base, lora_file = make_sd_folder(tmp_path)
+    write_imagefolder(tmp_path / "p" / "train", 2)
+    write_imagefolder(tmp_path / "p" / "val", 2)
+    project = create_project(
+        tmp_path / "p", task="text-to-image", base=str(base), adapter=str(lora_file),
+        train="train", validation="val", category_column="category", batch_size=4,
+    )  # fmt: skip
+    folder = runs.execute_run(project, runs.RunSettings(methods=["datainf"], per_query=True))
+    signals = runs.load_signals(project, folder.name)
+    assert list(signals.columns) == [
+        "train_index",
+        "datainf",
+        "self_influence",
+        "train_loss",
+        "combined",
+    ]
+    assert np.isfinite(signals.drop(columns="train_index").to_numpy()).all()
+    assert "identification" in runs.load_evaluation(project, folder.name)
