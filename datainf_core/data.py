@@ -231,7 +231,8 @@ def validate_table(project: Project, df: pd.DataFrame, *, what: str, path: Path)
         duplicated = df["id"][df["id"].duplicated()].tolist()  # plain Python values
         if duplicated:
             raise DataError(
-                f"{what} {path}: id {duplicated[0]!r} appears more than once; ids must be unique"
+                f"{what} {path}: id {duplicated[0]!r} appears more than once; ids must be "
+                "unique: fix or remove the duplicate rows"
             )
     if project.task == "classification":
         labels = project.data.labels or []
