@@ -275,14 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--skip", nargs="*", default=[], help="kronfluence, dattri")
+    parser.add_argument(
+        "--project",
+        type=Path,
+        default=None,
+        help="an existing text-demo project (default: the cached small demo, rank 8)",
+    )
     args = parser.parse_args(argv)
     textbench.quiet()
     torch.manual_seed(args.seed)
     from datainf_core.evaluate import detection_auc
 
-    project, info = textbench.text_project(
-        args.size, seed=args.seed, rank=8, max_epochs=args.max_epochs
-    )
+    if args.project is not None:
+        from datainf_core.project import load_project
+
+        project, info = load_project(args.project), {"cached": True}
+    else:
+        project, info = textbench.text_project(
+            args.size, seed=args.seed, rank=8, max_epochs=args.max_epochs
+        )
     inputs = textbench.load_inputs(project)
     is_noisy = inputs.train_df["is_noisy"].to_numpy(dtype=bool)
     ours = run_ours(inputs, ["datainf", "hessian_free", "exact"])
@@ -365,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     fastest = min((r for r in ok if r["tool"] != "baseline"), key=lambda r: r["seconds"])
     summary = (
         f"n = {len(inputs.train_examples)} training samples ({int(is_noisy.sum())} flipped), "
-        f"m = {len(inputs.validation_examples)} validation queries, MiniLM + LoRA r=8. "
+        f"m = {len(inputs.validation_examples)} validation queries, MiniLM + LoRA. "
         f"Highest AUC: {best['tool']} {best['method']} ({best['auc']:.3f}); fastest influence "
         f"method: {fastest['tool']} {fastest['method']} ({fastest['seconds']:.1f} s). Seconds "
         "include each tool's own gradient computation (ours: per-sample gradients of train and "
@@ -378,9 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "detection_curve": curves,
         "settings": {
-            "size": args.size,
+            "project": str(args.project or project.root),
+            "size": len(inputs.train_examples),
             "seed": args.seed,
-            "rank": 8,
+            "lora_rank": getattr(inputs.model, "peft_config", {}).get("default").r
+            if hasattr(inputs.model, "peft_config")
+            else None,
             "batch_size": args.batch_size,
             "adapter_cached": info.get("cached"),
             "val_accuracy": info.get("val_accuracy"),
