@@ -13,7 +13,8 @@ Floor: bytes of training gradients read once ÷ the machine's copy bandwidth (to
 256 MiB buffer, source bytes per second). Peak memory: the highest RSS seen during the call minus
 the RSS before it (sampled every 2 ms). Goal on a 2-core CPU: ≥ 10x the plain engine and ≤ 2x the
 floor in aggregate mode; ≥ 100x in per-query mode with 32 query samples. Prints a markdown table and
-writes bench/results/engine.json.
+writes bench/results/engine.json. Both engines run with ``--threads`` torch threads (default 1,
+since the CPU is shared and oversubscribed OpenMP threads slowed the products up to 7x).
 """
 
 from __future__ import annotations
@@ -165,13 +166,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n = 1,000 only")
     parser.add_argument("--plain-samples", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs at n = 1,000")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both engines (default 1: on a shared 2-core machine, 2 OpenMP "
+        "threads were up to 7x slower; 0 keeps torch's default)",
+    )
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     bandwidth = copy_bandwidth()
     rows = []
     for n in (1000,) if args.quick else (1000, 10_000):
-        rows += bench_size(n, bandwidth, args.plain_samples, args.repeats)
+        rows += bench_size(n, bandwidth, args.plain_samples, args.repeats if n <= 1000 else 1)
     columns = [
         "n",
         "mode",
