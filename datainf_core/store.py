@@ -380,6 +380,7 @@ def _write_shard(
         save_file(tensors, str(tmp))
         os.replace(tmp, folder / name)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)  # no half-written shard is left behind
         raise StoreError(
             f"cannot write gradient shard {folder / name} ({exc.strerror}); free disk space or "
             "pass another store_dir"
