@@ -42,7 +42,7 @@ LORA_RANK = 4
 LORA_EPOCHS = 15
 LORA_LR = 2e-3
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits_unet"
-BASE_STEPS = 400
+BASE_STEPS = 100
 BASE_MAX_SECONDS = 180.0
 
 
