@@ -64,8 +64,16 @@ def measure_rank(rank: int, args: argparse.Namespace) -> tuple[list[dict[str, An
     seconds: dict[str, float] = {}
     for method in METHODS:
         started = time.perf_counter()
+        extra_args = {}
+        if method == "lissa" and args.lissa_iterations is not None:
+            extra_args["lissa_iterations"] = args.lissa_iterations
         result = compute_influence(
-            grads["train"], grads["query"], method=method, damping=args.damping, aggregate="mean"
+            grads["train"],
+            grads["query"],
+            method=method,
+            damping=args.damping,
+            aggregate="mean",
+            **extra_args,
         )
         seconds[method] = time.perf_counter() - started
         scores[method] = result.double().cpu().numpy()
@@ -113,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-cache", action="store_true", help="recollect gradients even when cached"
     )
+    parser.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="only train the adapters and cache their gradients (no scores, no result file)",
+    )
+    parser.add_argument(
+        "--lissa-iterations", type=int, default=None, help="engine default if unset"
+    )
     args = parser.parse_args(argv)
     textbench.quiet()
     import torch
@@ -121,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     per_rank: list[dict[str, Any]] = []
+    if args.warm_only:
+        for rank in args.ranks:
+            project, _ = textbench.text_project(
+                args.size, seed=args.seed, rank=rank, max_epochs=args.max_epochs
+            )
+            textbench.collect(textbench.load_inputs(project), cache=True)
+        return 0
     for rank in args.ranks:
         rank_rows, extra = measure_rank(rank, args)
         rows += rank_rows
@@ -165,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "alpha": "2 x rank",
             "max_epochs": args.max_epochs,
             "damping": args.damping,
+            "lissa_iterations": args.lissa_iterations or "engine default",
             "model": "all-MiniLM-L6-v2, LoRA on query,value + classifier head",
         },
         "table": table,
