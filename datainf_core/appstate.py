@@ -243,6 +243,15 @@ def estimate_eta(status: Mapping[str, Any], now: float | None = None) -> float |
     return max(elapsed / done * (total - done), 0.0)
 
 
+def format_score(score: float) -> str:
+    """A signed score for display: ``+1,234`` for large values, ``-0.0123`` for small ones."""
+    if not math.isfinite(score):
+        return str(score)
+    if abs(score) >= 1000:
+        return f"{score:+,.0f}"
+    return f"{score:+.4g}"
+
+
 def format_seconds(seconds: float | None) -> str:
     """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``, or ``"–"`` for None."""
     if seconds is None or not math.isfinite(seconds):

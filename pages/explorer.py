@@ -59,7 +59,7 @@ def sample_card(
             head += f" · label **{row[label_col]}**"
         if score is not None:
             colour = "red" if score > 0 else "green"
-            head += f" · :{colour}[score **{score:+.4g}**]"
+            head += f" · :{colour}[score **{appstate.format_score(score)}**]"
         if title == "train" and index in decided.index:
             action = decided.loc[index, "action"]
             head += f" · :blue-badge[{appstate.STATUS_NAMES.get(action, action)}]"
@@ -115,6 +115,7 @@ with single_tab:
             picked = st.dataframe(
                 table, hide_index=True, on_select="rerun", selection_mode="single-row",
                 key=f"explorer_pick_{page}", width="stretch",
+                column_config={"#": st.column_config.NumberColumn(width="small")},
             )  # fmt: skip
             st.caption(f"{len(found):,} of {len(val_df):,} validation samples; click a row.")
         if found.empty:

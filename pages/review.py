@@ -72,38 +72,37 @@ top[2].caption(
     " · ".join(f"{appstate.STATUS_NAMES[a]}: **{counts[a]:,}**" for a in appstate.STATUSES[1:])
 )
 
-# ---- histogram, threshold and filters ----------------------------------------------------------
+# ---- histogram, threshold and filters (left column, above the queue) ----------------------------
+left, right = st.columns([3, 2], gap="large")
 threshold = None
 values = queue["suspicion"].dropna()
-with st.expander("Distribution, threshold and filters", expanded=True):
-    f1, f2, f3 = st.columns([3, 2, 2])
+with left.expander("Distribution, threshold and filters", expanded=True):
     if len(values):
         lo, hi = float(values.min()), float(values.max())
-        use_threshold = f1.checkbox(
-            "Only samples at or above a threshold", key="review_use_threshold"
-        )
+        h1, h2 = st.columns([1, 2])
+        use_threshold = h1.checkbox("Apply threshold", key="review_use_threshold")
+        threshold_value = lo
         if hi > lo:
-            threshold_value = f1.slider(
+            threshold_value = h2.slider(
                 f"Threshold on {signal}", lo, hi, float(np.quantile(values, 0.8)),
-                key="review_threshold", disabled=not use_threshold,
+                key="review_threshold", disabled=not use_threshold, label_visibility="collapsed",
             )  # fmt: skip
-        else:
-            threshold_value = lo
         threshold = threshold_value if use_threshold else None
         fig = go.Figure(go.Histogram(x=values, nbinsx=60, marker_color="#5c7cfa"))
         fig.add_vline(x=threshold_value, line_color="#e8590c", line_dash="dash")
-        fig.update_layout(height=220, margin={"t": 10, "b": 10, "l": 10, "r": 10},
-                          xaxis_title=signal, yaxis_title="samples")  # fmt: skip
-        f1.plotly_chart(fig, key="review_histogram")
+        fig.update_layout(height=170, margin={"t": 5, "b": 5, "l": 5, "r": 5},
+                          xaxis_title=None, yaxis_title="samples")  # fmt: skip
+        st.plotly_chart(fig, key="review_histogram")
+    f = st.columns(4)
     class_filter = (
-        f2.multiselect("Given label", labels or [], key="review_filter_labels") if labels else []
+        f[0].multiselect("Given label", labels or [], key="review_filter_labels") if labels else []
     )
-    status_filter = f2.multiselect(
+    status_filter = f[1].multiselect(
         "Status", list(appstate.STATUSES), format_func=appstate.STATUS_NAMES.get,
         key="review_filter_status",
     )  # fmt: skip
-    search = f3.text_input("Search text", key="review_search")
-    page_size = f3.selectbox("Rows per page", [25, 50, 100, 200], key="review_page_size")
+    search = f[2].text_input("Search text", key="review_search")
+    page_size = f[3].selectbox("Rows per page", [25, 50, 100, 200], key="review_page_size")
 
 shown = appstate.filter_queue(
     queue, labels=class_filter, statuses=status_filter, threshold=threshold, search=search
@@ -143,8 +142,6 @@ def redo() -> None:
 if st.session_state.get("review_error"):
     st.warning(st.session_state.pop("review_error"))
 
-left, right = st.columns([3, 2], gap="large")
-
 # ---- the queue (paged) with bulk actions -------------------------------------------------------
 with left:
     st.markdown(f"**Queue** — {len(shown):,} of {len(queue):,} samples")
@@ -152,16 +149,13 @@ with left:
     page = st.number_input(f"Page (of {n_pages})", 1, n_pages, 1, key="review_page")
     start, stop, page, n_pages = appstate.page_bounds(len(shown), page, page_size)
     page_df = shown.iloc[start:stop]
-    view = page_df[
-        ["rank", "preview", "suspicion", "label", "status", "corrected_label", "train_index"]
-    ]
+    view = page_df[["train_index", "preview", "suspicion", "label", "status", "corrected_label"]]
     version = st.session_state.get("review_table_version", 0)
     picked = st.dataframe(
         view, hide_index=True, on_select="rerun", selection_mode="multi-row", height=420,
         key=f"review_table_{version}_{page}", width="stretch",
         column_config={
-            "rank": st.column_config.NumberColumn("#", width="small"),
-            "train_index": st.column_config.NumberColumn("row", width="small"),
+            "train_index": st.column_config.NumberColumn("#", width="small"),
             "suspicion": st.column_config.NumberColumn(signal or "score", format="%.3f", width="small"),
             "label": st.column_config.TextColumn(width="small"),
             "status": st.column_config.TextColumn(width="medium"),

@@ -177,6 +177,8 @@ def test_job_status_and_eta(tmp_path):
     assert appstate.format_seconds(None) == "–"
     assert appstate.format_seconds(65) == "1 min 05 s"
     assert appstate.format_seconds(3725) == "1 h 02 min"
+    assert appstate.format_score(-185_700.4) == "-185,700"
+    assert appstate.format_score(0.012345) == "+0.01235"
 
 
 def test_build_demo_renames_when_complete(tmp_path, monkeypatch):
@@ -362,6 +364,8 @@ def test_run_page_starts_and_finishes_a_run(monkeypatch, tiny):
     at.checkbox(key="run_m_datainf").check()
     at.checkbox(key="run_m_hessian_free").uncheck()
     at.checkbox(key="run_per_query").uncheck()
+    at.checkbox(key="run_self").uncheck()
+    at.checkbox(key="run_loss").uncheck()
     next(b for b in at.button if b.label == "Start run").click().run()
     assert not at.exception
     new = [r for r in runs.list_runs(project) if r.run_id not in before]

@@ -111,7 +111,8 @@ def _settle(page, quiet: float = 1.0, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         busy = page.evaluate(
-            "() => !!document.querySelector('[data-testid=stStatusWidget]')"
+            "() => !!document.querySelector('[data-testid=stStatusWidget], "
+            "[data-testid=stSkeleton], [data-testid=stSkeletonElement]')"
             " || document.querySelectorAll('[data-stale=true]').length > 0"
         )
         if busy:
