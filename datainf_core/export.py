@@ -236,6 +236,8 @@ def source_paths(project: Any) -> list[Path]:
             continue
         if value is not None:
             paths.append(Path(value))
+    if getattr(project, "base_is_local", False):  # a local base model folder is a source too
+        paths.append(Path(project.base_location))
     reviews = getattr(project, "reviews_path", None)
     if reviews is not None:
         paths += [Path(f"{reviews}-wal"), Path(f"{reviews}-shm")]

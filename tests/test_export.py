@@ -224,3 +224,15 @@ def test_export_log(project, tmp_path):
     out = export_log(project, tmp_path / "log.jsonl")
     back = pd.read_json(out, lines=True)
     assert back["kind"].tolist() == ["decide", "undo"]
+
+
+def test_export_refuses_local_base_model_folder(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    fake = type(
+        "P",
+        (),
+        {"train_path": tmp_path / "t.csv", "base_is_local": True, "base_location": str(base)},
+    )()
+    with pytest.raises(ExportError, match="refusing to write"):
+        check_not_source(fake, base / "config.json")
