@@ -173,7 +173,8 @@ def test_kill_during_gradient_collection_resumes(tmp_path, reference, monkeypatc
     process, marker = _spawn(tmp_path, "gradients", argv)
     _wait_for(marker, process)
     status = runs.read_status(project, run_id)
-    assert status["stage"] == "train gradients" and 0 < status["done"] < status["total"], status
+    # status.json is rewritten at most every 0.5 s, so ``done`` may still read 0 here.
+    assert status["stage"] == "train gradients" and status["done"] < status["total"], status
     _kill(process)
     # The crash is visible as a failed run, and the first shard survived it.
     assert runs.read_status(project, run_id)["state"] == "failed"
@@ -240,7 +241,7 @@ def test_kill_between_review_actions_loses_nothing(tmp_path):
     _kill(process)
     printed = [line for line in process.stdout.read().splitlines() if line.strip()]
     acknowledged = [int(line) for line in printed if line.isdigit()]
-    assert len(acknowledged) == 40  # 0..39 were acknowledged before the bulk batch started
+    assert acknowledged[:40] == list(range(40))  # acknowledged before the bulk batch began
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store = ReviewStore(path)
