@@ -255,9 +255,14 @@ def pick_run(project: Any, *, key: str) -> str | None:
     return run_id
 
 
-def show_image(path: Any, *, caption: str | None = None, width: int = 160) -> None:
-    """Shows an image file, or a short note if it cannot be read."""
+def show_image(
+    path: Any, *, caption: str | None = None, width: int = 160, base: Path | None = None
+) -> None:
+    """Shows an image file (a relative path is taken from ``base``), or a note if it cannot be read."""
+    image = Path(str(path)).expanduser()
+    if not image.is_absolute() and base is not None:
+        image = base / image
     try:
-        st.image(str(path), caption=caption, width=width)
+        st.image(str(image), caption=caption, width=width)
     except Exception:  # a broken image must not break the page
         st.caption(f"(image {path} cannot be shown)")

@@ -44,6 +44,12 @@ method = top[1].selectbox("Method", methods, key="explorer_method")
 k = top[2].slider("How many of each", 3, 20, 5, key="explorer_k")
 label_col = project.data.label_column if project.task == "classification" else None
 content = appstate.text_columns(project)
+image_base = {
+    "train": project.train_path if project.train_path.is_dir() else project.train_path.parent,
+    "validation": project.validation_path
+    if project.validation_path.is_dir()
+    else project.validation_path.parent,
+}
 decided = ReviewStore(project.reviews_path).current().set_index("train_index")
 image_col = project.data.image_column if project.task == "text-to-image" else None
 
@@ -65,7 +71,11 @@ def sample_card(
             head += f" · :blue-badge[{appstate.STATUS_NAMES.get(action, action)}]"
         st.markdown(head)
         if image_col:
-            show_image(row[image_col], width=120)
+            show_image(
+                row[image_col],
+                width=120,
+                base=image_base["train" if title == "train" else "validation"],
+            )
         for column in content:
             prefix = (
                 f"<small style='color:grey'>{html.escape(column)}</small> "

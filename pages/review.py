@@ -31,6 +31,7 @@ store = ReviewStore(project.reviews_path)
 label_col = project.data.label_column if project.task == "classification" else None
 labels = project.data.labels if label_col else None
 content = appstate.text_columns(project)
+image_base = project.train_path if project.train_path.is_dir() else project.train_path.parent
 
 # ---- ranking signal --------------------------------------------------------------------------
 runs_done = finished_runs(project)
@@ -206,7 +207,7 @@ with right:
             st.markdown(details)
             sample = train_df.iloc[cursor]
             if project.task == "text-to-image":
-                show_image(sample[project.data.image_column], width=200)
+                show_image(sample[project.data.image_column], width=200, base=image_base)
             for column in content:
                 st.markdown(f"<small>{column}</small><br>{sample[column]}", unsafe_allow_html=True)
             if label_col:
