@@ -194,7 +194,25 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "identification.json"
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="only merge these result files (from parallel runs) into --out and print the table",
+    )
     args = parser.parse_args()
+    if args.merge:
+        merged: dict[str, Any] = {"runs": {}}
+        for path in [args.out, *args.merge]:
+            if path.exists():
+                for key, seeds in json.loads(path.read_text()).get("runs", {}).items():
+                    merged["runs"].setdefault(key, {}).update(seeds)
+        merged["table"] = summarise(merged)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(merged, indent=2))
+        print_table(merged["table"])
+        print(f"wrote {args.out}")
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     import transformers
 

@@ -228,6 +228,7 @@ def load_diffusion_folder(
     from transformers import AutoModel, AutoTokenizer
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # the CLI's stderr stays one line
     base = Path(base)
     if not (base / "unet").is_dir():
         raise ModelError(
