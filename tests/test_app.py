@@ -417,3 +417,54 @@ def test_predict_labels_matches_one_by_one(tiny):
             encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=32)
             expected.append(project.data.labels[int(model(**encoded).logits.argmax())])
     assert batched.tolist() == expected
+
+
+def _fake_run(project, n_train: int, n_query: int) -> str:
+    """A finished run folder written by hand (the layout of ARCHITECTURE.md), for page rendering."""
+    rng = np.random.default_rng(0)
+    run_id = "20260101-000000-000-test"
+    folder = project.runs_dir / run_id
+    folder.mkdir(parents=True)
+    query, train = np.meshgrid(np.arange(n_query), np.arange(n_train), indexing="ij")
+    per_query = pd.DataFrame(
+        {"query_index": query.ravel(), "train_index": train.ravel(), "method": "datainf",
+         "score": rng.normal(size=query.size)}
+    )  # fmt: skip
+    per_query.to_parquet(folder / "per_query.parquet")
+    scores = per_query.groupby(["train_index", "method"], as_index=False)["score"].sum()
+    scores.to_parquet(folder / "scores.parquet")
+    signals = pd.DataFrame({"train_index": np.arange(n_train), "datainf": scores["score"]})
+    signals["combined"] = signals["datainf"].rank(pct=True)
+    signals.to_parquet(folder / "signals.parquet")
+    settings = {"methods": ["datainf"], "per_query": True}
+    (folder / "settings.json").write_text(json.dumps({"run_id": run_id, "settings": settings}))
+    (folder / "status.json").write_text(json.dumps({"run_id": run_id, "state": "done"}))
+    return run_id
+
+
+def test_pages_with_image_project(monkeypatch, tmp_path):
+    from PIL import Image
+
+    from datainf_core.project import create_project
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (8, 8), (40 * i, 90, 200 - 40 * i)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "caption": f"a square of colour {i}"})
+    pd.DataFrame(rows).to_json(folder / "metadata.jsonl", orient="records", lines=True)
+    project = create_project(
+        tmp_path / "proj", task="text-to-image", base="org/unused", train=folder, validation=folder
+    )
+    _fake_run(project, n_train=4, n_query=4)
+    at = _app(monkeypatch, DATAINF_PROJECT=str(project.root))
+    _visit_all(at)
+    at.switch_page("pages/explorer.py").run()
+    images = [e for e in at.main if getattr(e, "type", "") == "image"]
+    assert len(images) >= 3  # the query and its influential training images
+    assert not any("cannot be shown" in c.value for c in at.caption)
+    at.switch_page("pages/review.py").run()
+    at.button(key="review_exclude").click().run()
+    assert ReviewStore(project.reviews_path).counts()["exclude"] == 1
+    assert not at.exception
