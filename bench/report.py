@@ -582,6 +582,8 @@ def _status_line(outcome: Mapping[str, Any] | None) -> str:
     timing = ", ".join(f"{s:.0f} s" for s in seconds)
     repeats = outcome.get("repeats", 1)
     text = f"*Status: {status}; wall time {timing or '–'}"
+    if outcome.get("command"):
+        text += f"; `{outcome['command']}`"
     if outcome.get("threads"):
         text += f"; {outcome['threads']} thread(s) (OMP_NUM_THREADS)"
     if outcome.get("load_before") is not None:

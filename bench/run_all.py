@@ -20,12 +20,13 @@ import argparse
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,32 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("gradients", "bench/bench_gradients.py", 180),
     Benchmark("fidelity", "bench/bench_fidelity.py", 240),
     Benchmark("peers", "bench/bench_peers.py", 300),
-    Benchmark("text_demo", "bench/bench_text_demo.py", 240, args=("--size", "600", "--seeds", "0")),
-    Benchmark("identification", "bench/bench_identification.py", 240, args=("--seeds", "0")),
+    Benchmark(
+        "text_demo",
+        "bench/bench_text_demo.py",
+        240,
+        args=("--size", "600", "--seeds", "0", "--skip-retrain"),
+    ),
+    Benchmark(
+        "identification",
+        "bench/bench_identification.py",
+        240,
+        args=(
+            "--task",
+            "generation",
+            "--seeds",
+            "0",
+            "--loss-tokens",
+            "prompt",
+            "--train-per-class",
+            "10",
+            "--test-per-class",
+            "3",
+            "--epochs",
+            "1",
+            "--tag=-small",
+        ),
+    ),
     Benchmark("memory", "bench/bench_memory.py", 150, args=("--quick",)),
 )
 
@@ -194,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", type=Path, default=REPO / "docs" / "bench")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument(
+        "--extra",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "ARGS"),
+        help='more arguments for one benchmark, e.g. --extra text_demo "--workdir /tmp/demos"',
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -211,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in (args.only or []) + args.skip if n not in names]
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(names)}")
+    extras: dict[str, list[str]] = {}
+    for name, extra in args.extra:
+        if name not in names:
+            parser.error(f"unknown benchmark {name!r} in --extra; choose from {', '.join(names)}")
+        extras.setdefault(name, []).extend(shlex.split(extra))
     if not args.report_only:
         deadline = time.time() + args.total_budget
         threads = choose_threads(args.threads)
@@ -222,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                 stale.unlink()
             (LOGS / f"{bench.name}.log").write_text("")
             print(f"run_all: {bench.name} ...", flush=True)
+            if bench.name in extras:
+                bench = replace(bench, args=(*bench.args, *extras[bench.name]))
             outcome = run_benchmark(bench, deadline, threads)
             outcomes[bench.name] = asdict(outcome)
             outcomes[bench.name]["threads"] = threads
+            outcomes[bench.name]["command"] = " ".join([bench.script, *bench.args])
             times = ", ".join(f"{s:.0f} s" for s in outcome.seconds)
             print(f"run_all: {bench.name}: {outcome.status} ({times or '-'})", flush=True)
             record_path.write_text(json.dumps({"outcomes": outcomes}, indent=1))
