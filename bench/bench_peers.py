@@ -203,6 +203,8 @@ def run_dattri(
 
     model = load_adapted_model(inputs.project, device="cpu", is_trainable=True)
     model.eval()
+    # SDPA has no vmap batching rule (torch falls back to a per-sample loop): eager attention.
+    model.set_attn_implementation("eager")
     pad = getattr(inputs.tokenizer, "pad_token_id", None) or 0
     train = padded(inputs.train_examples, pad)
     query = padded(inputs.validation_examples, pad)
@@ -381,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         f"method: {fastest['tool']} {fastest['method']} ({fastest['seconds']:.1f} s). Seconds "
         "include each tool's own gradient computation (ours: per-sample gradients of train and "
         "validation once, then the method). dattri gets this engine's mean relative λ as its "
-        "absolute regularization; kronfluence runs with its defaults (true Fisher, heuristic "
-        "damping)."
+        "absolute regularization and eager attention (SDPA has no vmap rule); kronfluence runs "
+        "with its defaults (true Fisher, heuristic damping)."
     )
     result = {
         "summary": summary,
