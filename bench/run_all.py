@@ -66,8 +66,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("gpu", "bench/bench_gpu.py", 120),
     Benchmark("engine", "bench/bench_engine.py", 180, repeat_under_s=40, max_repeats=2),
     Benchmark("gradients", "bench/bench_gradients.py", 180),
-    Benchmark("fidelity", "bench/bench_fidelity.py", 240),
-    Benchmark("peers", "bench/bench_peers.py", 300),
+    Benchmark("fidelity", "bench/bench_fidelity.py", 270),
+    Benchmark("peers", "bench/bench_peers.py", 360),
     Benchmark(
         "text_demo",
         "bench/bench_text_demo.py",
