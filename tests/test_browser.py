@@ -101,7 +101,10 @@ def page(server):
         context = browser.new_context(
             viewport={"width": 1400, "height": 1600}, accept_downloads=True
         )
-        yield context.new_page()
+        page = context.new_page()
+        # A busy 2-core CI machine can take tens of seconds per rerun: wait generously.
+        page.set_default_timeout(90_000)
+        yield page
         browser.close()
 
 
