@@ -327,8 +327,93 @@ def main(argv: list[str] | None = None) -> int:
             ours["datainf_absolute"],
         ),
     ]
+
+    def write(pending: list[str]) -> Path:
+        """Writes peers.json with the rows so far (a timeout keeps what finished)."""
+        rows = []
+        curves: dict[str, dict[str, list]] = {}
+        for tool, method, match, res in results:
+            row: dict[str, Any] = {
+                "tool": tool,
+                "version": _version({"DataInf Studio": "datainf-studio"}.get(tool, tool)),
+                "method": method,
+            }
+            if "error" in res:
+                row.update(seconds=None, auc=None, pearson_vs_ours=None, error=res["error"])
+            else:
+                row["seconds"] = res["seconds"]
+                row["auc"] = detection_auc(res["scores"], is_noisy)
+                row["pearson_vs_ours"] = float(
+                    np.corrcoef(res["scores"], ours[match]["scores"])[0, 1]
+                )
+                row["compared_with"] = f"ours {match}"
+                curves[f"{tool}: {method.split(' (')[0]}"] = curve_points(res["scores"], is_noisy)
+            rows.append(row)
+        rows.append(
+            {
+                "tool": "baseline",
+                "method": "training loss",
+                "seconds": ours["_grads"]["seconds"],
+                "auc": detection_auc(ours["_grads"]["losses"].double().numpy(), is_noisy),
+            }
+        )
+        curves["training loss"] = curve_points(ours["_grads"]["losses"].double().numpy(), is_noisy)
+        ok = [r for r in rows if r.get("auc") is not None]
+        best = max(ok, key=lambda r: r["auc"])
+        fastest = min((r for r in ok if r["tool"] != "baseline"), key=lambda r: r["seconds"])
+        summary = (
+            f"n = {len(inputs.train_examples)} training samples ({int(is_noisy.sum())} flipped), "
+            f"m = {len(inputs.validation_examples)} validation queries, MiniLM + LoRA. "
+            f"Highest AUC: {best['tool']} {best['method']} ({best['auc']:.3f}); fastest influence "
+            f"method: {fastest['tool']} {fastest['method']} ({fastest['seconds']:.1f} s). Seconds "
+            "include each tool's own gradient computation (ours: per-sample gradients of train and "
+            "validation once, then the method). dattri gets this engine's mean relative λ as its "
+            "absolute regularization and eager attention (SDPA has no vmap rule); kronfluence runs "
+            "with its defaults (true Fisher, heuristic damping)."
+            + (
+                f" Not finished when this file was written: {', '.join(pending)}."
+                if pending
+                else ""
+            )
+        )
+        result = {
+            "summary": summary,
+            "rows": rows,
+            "detection_curve": curves,
+            "settings": {
+                "project": str(args.project or project.root),
+                "size": len(inputs.train_examples),
+                "seed": args.seed,
+                "lora_rank": getattr(inputs.model, "peft_config", {}).get("default").r
+                if hasattr(inputs.model, "peft_config")
+                else None,
+                "batch_size": args.batch_size,
+                "adapter_cached": info.get("cached"),
+                "val_accuracy": info.get("val_accuracy"),
+                "threads": torch.get_num_threads(),
+            },
+        }
+        path = textbench.write_result("peers", result)
+        logger.info("wrote %s (%d rows)", path, len(rows))
+        return path
+
+    peers = []
+    if "dattri" not in args.skip:
+        peers.append("dattri datainf")
+    if "kronfluence" not in args.skip:
+        peers += ["kronfluence identity", "kronfluence ekfac"]
+    write(peers)
+    if "dattri" in args.skip:
+        res = {"error": "skipped (--skip)"}
+    elif _version("dattri") is None:
+        res = {"error": "not installed (bench/requirements-bench.txt)"}
+    else:
+        res = _attempt("dattri", lambda: run_dattri(inputs, lam, args.batch_size))
+    results.append(("dattri", f"datainf (regularization {lam:.2e})", "datainf_absolute", res))
+    peers = [p for p in peers if not p.startswith("dattri")]
+    write(peers)
     with tempfile.TemporaryDirectory() as tmp:
-        for strategy, match in (("ekfac", "exact"), ("identity", "hessian_free")):
+        for strategy, match in (("identity", "hessian_free"), ("ekfac", "exact")):
             if "kronfluence" in args.skip:
                 res = {"error": "skipped (--skip)"}
             elif _version("kronfluence") is None:
@@ -339,74 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                     lambda s=strategy: run_kronfluence(inputs, s, Path(tmp), args.batch_size),
                 )
             results.append(("kronfluence", strategy, match, res))
-    if "dattri" in args.skip:
-        res = {"error": "skipped (--skip)"}
-    elif _version("dattri") is None:
-        res = {"error": "not installed (bench/requirements-bench.txt)"}
-    else:
-        res = _attempt("dattri", lambda: run_dattri(inputs, lam, args.batch_size))
-    results.append(("dattri", f"datainf (regularization {lam:.2e})", "datainf_absolute", res))
-
-    rows = []
-    curves: dict[str, dict[str, list]] = {}
-    for tool, method, match, res in results:
-        row: dict[str, Any] = {
-            "tool": tool,
-            "version": _version({"DataInf Studio": "datainf-studio"}.get(tool, tool)),
-            "method": method,
-        }
-        if "error" in res:
-            row.update(seconds=None, auc=None, pearson_vs_ours=None, error=res["error"])
-        else:
-            row["seconds"] = res["seconds"]
-            row["auc"] = detection_auc(res["scores"], is_noisy)
-            row["pearson_vs_ours"] = float(np.corrcoef(res["scores"], ours[match]["scores"])[0, 1])
-            row["compared_with"] = f"ours {match}"
-            curves[f"{tool}: {method.split(' (')[0]}"] = curve_points(res["scores"], is_noisy)
-        rows.append(row)
-    rows.append(
-        {
-            "tool": "baseline",
-            "method": "training loss",
-            "seconds": ours["_grads"]["seconds"],
-            "auc": detection_auc(ours["_grads"]["losses"].double().numpy(), is_noisy),
-        }
-    )
-    curves["training loss"] = curve_points(ours["_grads"]["losses"].double().numpy(), is_noisy)
-    ok = [r for r in rows if r.get("auc") is not None]
-    best = max(ok, key=lambda r: r["auc"])
-    fastest = min((r for r in ok if r["tool"] != "baseline"), key=lambda r: r["seconds"])
-    summary = (
-        f"n = {len(inputs.train_examples)} training samples ({int(is_noisy.sum())} flipped), "
-        f"m = {len(inputs.validation_examples)} validation queries, MiniLM + LoRA. "
-        f"Highest AUC: {best['tool']} {best['method']} ({best['auc']:.3f}); fastest influence "
-        f"method: {fastest['tool']} {fastest['method']} ({fastest['seconds']:.1f} s). Seconds "
-        "include each tool's own gradient computation (ours: per-sample gradients of train and "
-        "validation once, then the method). dattri gets this engine's mean relative λ as its "
-        "absolute regularization and eager attention (SDPA has no vmap rule); kronfluence runs "
-        "with its defaults (true Fisher, heuristic damping)."
-    )
-    result = {
-        "summary": summary,
-        "rows": rows,
-        "detection_curve": curves,
-        "settings": {
-            "project": str(args.project or project.root),
-            "size": len(inputs.train_examples),
-            "seed": args.seed,
-            "lora_rank": getattr(inputs.model, "peft_config", {}).get("default").r
-            if hasattr(inputs.model, "peft_config")
-            else None,
-            "batch_size": args.batch_size,
-            "adapter_cached": info.get("cached"),
-            "val_accuracy": info.get("val_accuracy"),
-            "threads": torch.get_num_threads(),
-        },
-    }
-    path = textbench.write_result("peers", result)
-    print(summary)
-    for row in rows:
-        print(row)
+            peers = [p for p in peers if p != f"kronfluence {strategy}"]
+            path = write(peers)
     print(f"wrote {path}")
     return 0
 

@@ -189,6 +189,11 @@ def run_benchmark(bench: Benchmark, deadline: float, threads: int | None = None)
         outcome.seconds.append(round(seconds, 1))
         outcome.returncodes.append(rc)
         fresh = result.exists() and result.stat().st_mtime >= started
+        if status == "timeout" and fresh:  # a script that writes as it goes: keep what finished
+            outcome.status = "timeout (partial result)"
+            outcome.error_tail = tail
+            runs.append(json.loads(result.read_text()))
+            break
         if status != "ok" or not fresh:
             outcome.status = status if status != "ok" else "failed"
             outcome.error_tail = (
