@@ -492,6 +492,7 @@ def _lissa_vectors(
     with a plus sign, as (G + λI).
     """
     vectors: dict[str, torch.Tensor] = {}
+    unconverged: list[tuple[float, str, float]] = []
     for group in _solver_groups(ctx):
         state, sums = _second_moments(ctx, group, scale_all)
         for name in group:
@@ -510,14 +511,20 @@ def _lissa_vectors(
                 residual = float(torch.linalg.vector_norm(apply_h(r / scale) - v) / v_norm)
             estimate = r / scale
             if not math.isfinite(residual) or residual > LISSA_TOLERANCE:
-                message = (
-                    f"LiSSA did not converge for block {name!r}: relative residual {residual:.2e} "
-                    f"after {iterations} iterations (scale {scale:.3g}); raise lissa_iterations "
-                    "or use method='exact'"
-                )
-                logger.warning(message)
-                warnings.warn(message, LissaConvergenceWarning, stacklevel=4)
+                unconverged.append((residual, name, scale))
             vectors[name] = estimate
+    if unconverged:
+        # One warning per call, naming the worst block (a per-block warning floods the CLI).
+        residual, name, scale = max(
+            unconverged, key=lambda item: (not math.isfinite(item[0]), item[0])
+        )
+        message = (
+            f"LiSSA did not converge for {len(unconverged)} of {len(vectors)} blocks (worst "
+            f"{name!r}: relative residual {residual:.2e} after {iterations} iterations, scale "
+            f"{scale:.3g}); raise lissa_iterations or use method='exact'"
+        )
+        logger.warning(message)
+        warnings.warn(message, LissaConvergenceWarning, stacklevel=4)
     return vectors
 
 

@@ -255,6 +255,14 @@ def test_lissa_warns_when_not_converged():
         compute_influence(train, query, method="lissa", lissa_iterations=2)
 
 
+def test_lissa_warns_once_per_call_over_many_blocks():
+    train, query = make_grads(10, [40, 30, 20], 73), make_grads(1, [40, 30, 20], 74)
+    with pytest.warns(LissaConvergenceWarning) as record:
+        compute_influence(train, query, method="lissa", lissa_iterations=2)
+    messages = [str(w.message) for w in record if w.category is LissaConvergenceWarning]
+    assert len(messages) == 1 and "3 of 3 blocks" in messages[0]
+
+
 def test_lissa_with_explicit_scale_converges():
     train, query = make_grads(60, [8], 73), make_grads(2, [8], 74)
     top = float(
