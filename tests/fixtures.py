@@ -1,7 +1,8 @@
 """Tiny offline projects for tests: a random BERT classifier and a random Llama, built from configs.
 
 Each factory writes a base model folder (safetensors + tokenizer), a LoRA adapter saved by peft
-(``init_lora_weights="gaussian"`` so that gradients of ``lora_A`` are not all zero), train and
+(gaussian ``lora_A`` and a randomised ``lora_B``: peft zeroes B even with the gaussian init,
+which would make every ``lora_A`` gradient zero), train and
 validation files, and ``project.toml``; it returns the loaded :class:`Project`. Everything takes
 well under a second or two on a CPU.
 
