@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from datainf_core import runs
 from datainf_core.errors import DataInfError
 
 logger = logging.getLogger(__name__)
@@ -184,26 +185,6 @@ def read_status_file(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap our own finished children
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
-    except OSError:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def job_state(path: Path) -> dict[str, Any]:
     """The job's status with ``state`` corrected: a ``running`` job whose process died is ``failed``.
 
@@ -218,7 +199,7 @@ def job_state(path: Path) -> dict[str, Any]:
     status.setdefault("total", 0)
     status.setdefault("stage", "")
     status.setdefault("error", None)
-    if status.get("state") == "running" and not _pid_alive(status.get("pid")):
+    if status.get("state") == "running" and not runs.process_alive(status.get("pid")):
         status["state"] = "failed"
         status["error"] = status.get("error") or "the worker process stopped unexpectedly"
     return status

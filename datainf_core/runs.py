@@ -828,9 +828,17 @@ def start_run_process(project: Project, settings: RunSettings) -> str:
     return run_id
 
 
-def _alive(pid: int | None) -> bool:
-    """Whether a process is running (a zombie counts as finished)."""
+def process_alive(pid: int | None) -> bool:
+    """Whether a worker process is running; a finished child is reaped, a zombie counts as done."""
     if not pid:
+        return False
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # our own finished child: reap it
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child
+    except OSError:
         return False
     try:
         os.kill(pid, 0)
@@ -864,7 +872,7 @@ def read_status(project: Project, run_id: str) -> dict[str, Any]:
         # A just-started worker gets a moment to take over status.json.
         state == "queued" and time.time() - (folder / STATUS_FILE).stat().st_mtime > 30
     )
-    if stale and not _alive(status.get("pid")):
+    if stale and not process_alive(status.get("pid")):
         status["state"] = "failed"
         status["error"] = status.get("error") or (
             f"the worker stopped during {status.get('stage')} (killed?); start the run again "
