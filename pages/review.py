@@ -111,8 +111,23 @@ shown = appstate.filter_queue(
 order = shown["train_index"].tolist()
 
 
+def _first_action_since_render() -> bool:
+    """True once per fully rendered page: later calls are replays, and are ignored.
+
+    Under load, Streamlit can interrupt a rerun that a click started and replay the click's trigger
+    on the next run, with the arguments the interrupted run had already registered (the *next*
+    sample). Acting only on the page the user last saw whole keeps one click one decision.
+    """
+    if st.session_state.get("review_acted"):
+        return False
+    st.session_state["review_acted"] = True
+    return True
+
+
 def decide(indices: list[int], action: str, corrected: str | None = None) -> None:
     """Records a decision; on the current sample, moves to the next one in the queue."""
+    if not _first_action_since_render():
+        return
     try:
         store.record(indices, action, corrected_label=corrected)
     except DataInfError as exc:
@@ -125,17 +140,23 @@ def decide(indices: list[int], action: str, corrected: str | None = None) -> Non
 
 
 def move(step: int) -> None:
+    if not _first_action_since_render():
+        return
     st.session_state["review_cursor"] = appstate.step_cursor(
         order, st.session_state.get("review_cursor"), step
     )
 
 
 def undo() -> None:
+    if not _first_action_since_render():
+        return
     if store.undo() is None:
         st.session_state["review_error"] = "Nothing to undo."
 
 
 def redo() -> None:
+    if not _first_action_since_render():
+        return
     if store.redo() is None:
         st.session_state["review_error"] = "Nothing to redo."
 
@@ -247,3 +268,4 @@ with right:
         )
 
 st.iframe(appstate.shortcut_script(appstate.REVIEW_KEYS), height=1)
+st.session_state["review_acted"] = False  # the page is whole: the next click counts
