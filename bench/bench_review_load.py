@@ -9,7 +9,7 @@ where half the rows are already decided:
 
 1. ``store``: ``ReviewStore.record`` of one sample, ``undo``, and a bulk decision of 1,000 rows.
 2. ``data_path``: one action plus everything the Review page recomputes on the rerun it triggers
-   (``store.current``, ``appstate.build_queue`` over the cached train table and signals,
+   (``store.actions``, ``appstate.with_decisions`` over the session's cached queue order,
    ``store.counts``, ``filter_queue``, one page of 25 rows, the sample lookup), as plain calls.
 3. ``page``: the real page through Streamlit's AppTest: clicking Keep / Exclude / Undo, timed
    from the click to the finished rerun (Streamlit's own caches warm, as for a user).
@@ -167,14 +167,15 @@ def bench_data_path(project: Any, store: ReviewStore, repeats: int, rng: random.
     labels = project.data.labels
     n = len(train_df)
 
+    # The page keeps the order per session; a decision only overlays the decisions.
+    order_table = appstate.queue_order(
+        base, signals, signal="combined", labels=labels, predicted=None
+    )
+
     def action() -> None:
         cursor = rng.randrange(n)
         store.record(cursor, "keep")
-        queue = appstate.build_queue(
-            train_df, signals, store.current(), signal="combined", label_column="label",
-            content_columns=appstate.text_columns(project), labels=labels, predicted=None,
-            base=base,
-        )  # fmt: skip
+        queue = appstate.with_decisions(order_table, store.actions())
         store.counts()
         shown = appstate.filter_queue(queue, labels=[], statuses=[], threshold=None, search="")
         order = shown["train_index"].tolist()

@@ -538,6 +538,9 @@ def build_queue(
 ) -> pd.DataFrame:
     """The review queue: one row per training sample, most suspicious first.
 
+    The same as :func:`with_decisions` of :func:`queue_order`; a page that reruns on every
+    decision caches the order and only overlays the decisions.
+
     Args:
         train_df: The train split (row position = ``train_index``).
         signals: The run's signals (``train_index`` + one column per signal), or None.
@@ -553,34 +556,74 @@ def build_queue(
         Columns ``train_index, rank, suspicion, label, status, corrected_label, suggested,
         preview``, sorted by ``suspicion`` descending.
     """
-    n = len(train_df)
     if base is None:
         base = queue_base(train_df, label_column=label_column, content_columns=content_columns)
+    order = queue_order(base, signals, signal=signal, labels=labels, predicted=predicted)
+    return with_decisions(order, decisions)
+
+
+def queue_order(
+    base: pd.DataFrame,
+    signals: pd.DataFrame | None,
+    *,
+    signal: str | None,
+    labels: Sequence[str] | None = None,
+    predicted: pd.Series | None = None,
+) -> pd.DataFrame:
+    """The queue without decisions: what changes only with the run, the signal or the data.
+
+    Args:
+        base: :func:`queue_base` of the train table.
+        signals, signal, labels, predicted: As in :func:`build_queue`.
+
+    Returns:
+        Columns ``train_index, rank, suspicion, label, suggested, preview``, most suspicious first
+        (NaN last, ties in file order).
+    """
+    n = len(base)
     suspicion = np.full(n, np.nan)
     if signals is not None and signal is not None and signal in signals.columns:
         suspicion = signals.set_index("train_index")[signal].reindex(range(n)).to_numpy(np.float64)
-    status = np.full(n, "unreviewed", dtype=object)
-    corrected = np.full(n, None, dtype=object)
-    if len(decisions):
-        index = decisions["train_index"].to_numpy(dtype=np.int64)
-        inside = (index >= 0) & (index < n)
-        status[index[inside]] = decisions["action"].to_numpy(dtype=object)[inside]
-        corrected[index[inside]] = decisions["corrected_label"].to_numpy(dtype=object)[inside]
-    label = base["label"].to_numpy(dtype=object)
     suggested = _suggestions(base["label"], labels, predicted, n)
-    # Most suspicious first, NaN last, ties in file order.
     order = np.lexsort((np.arange(n), np.nan_to_num(-suspicion, nan=np.inf)))
     columns = {
         "train_index": pd.Series(order.astype(np.int64)),
         "rank": pd.Series(np.arange(1, n + 1, dtype=np.int64)),
         "suspicion": pd.Series(suspicion[order]),
-        "label": pd.Series(label[order], dtype=object),
-        "status": pd.Series(status[order], dtype=object),
-        "corrected_label": pd.Series(corrected[order], dtype=object),
+        "label": pd.Series(base["label"].to_numpy(dtype=object)[order], dtype=object),
         "suggested": pd.Series(suggested[order], dtype=object),
         "preview": pd.Series(base["preview"].to_numpy(dtype=object)[order], dtype=object),
     }
-    queue = pd.DataFrame(columns)
+    return pd.DataFrame(columns)
+
+
+def with_decisions(order: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
+    """:func:`queue_order`'s table with each sample's ``status`` and ``corrected_label``.
+
+    Args:
+        order: Output of :func:`queue_order` (left unchanged).
+        decisions: Current review decisions (``train_index, action, corrected_label``; rows
+            outside the train set are ignored).
+
+    Returns:
+        The columns of :func:`build_queue`, in queue order.
+    """
+    n = len(order)
+    status = np.full(n, "unreviewed", dtype=object)
+    corrected = np.full(n, None, dtype=object)
+    if len(decisions):
+        position = np.empty(n, dtype=np.int64)
+        position[order["train_index"].to_numpy()] = np.arange(n)
+        index = decisions["train_index"].to_numpy(dtype=np.int64)
+        inside = (index >= 0) & (index < n)
+        where = position[index[inside]]
+        status[where] = decisions["action"].to_numpy(dtype=object)[inside]
+        corrected[where] = decisions["corrected_label"].to_numpy(dtype=object)[inside]
+    queue = order[["train_index", "rank", "suspicion", "label"]].copy(deep=False)
+    queue["status"] = pd.Series(status, index=order.index, dtype=object)
+    queue["corrected_label"] = pd.Series(corrected, index=order.index, dtype=object)
+    queue["suggested"] = order["suggested"]
+    queue["preview"] = order["preview"]
     return queue
 
 
@@ -599,8 +642,9 @@ def _suggestions(
         return np.full(n, None, dtype=object)
     given = pd.Series(given.to_numpy(dtype=object), index=range(n))
     if predicted is None:
-        table = {g: suggest_label(g, labels) for g in pd.unique(given)}
-        return given.map(table).to_numpy(dtype=object)
+        codes, uniques = pd.factorize(given, use_na_sentinel=False)
+        table = np.array([suggest_label(g, labels) for g in uniques] + [None], dtype=object)
+        return table[codes]
     guess = predicted.reindex(range(n)).astype(object)
     guess = guess.where(guess.notna(), None)
     pairs = pd.DataFrame({"given": given, "guess": guess})

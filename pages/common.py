@@ -146,6 +146,34 @@ def queue_base(project: Any) -> pd.DataFrame:
     )
 
 
+def review_order(
+    project: Any,
+    run_id: str | None,
+    signal: str | None,
+    signals: pd.DataFrame | None,
+    predicted: pd.Series | None,
+) -> pd.DataFrame:
+    """:func:`appstate.queue_order` for the Review page, kept in the session between reruns.
+
+    A decision reruns the page; the order only changes with the run, the signal, the data or
+    the adapter, so only the decisions are overlaid on each rerun.
+    """
+    paths = [project.train_path, project.project_file]
+    if run_id:
+        paths.append(Path(project.runs_dir) / run_id / "signals.parquet")
+    if project.adapter_path is not None:
+        paths.append(Path(project.adapter_path) / "adapter_model.safetensors")
+    key = (str(project.root), run_id, signal, appstate.file_stamp(*paths), predicted is None)
+    cached = st.session_state.get("review_order_cache")
+    if cached is None or cached[0] != key:
+        labels = project.data.labels if project.task == "classification" else None
+        order = appstate.queue_order(
+            queue_base(project), signals, signal=signal, labels=labels, predicted=predicted
+        )
+        st.session_state["review_order_cache"] = cached = (key, order)
+    return cached[1]
+
+
 @st.cache_data(max_entries=16, show_spinner="Reading run results…")
 def _run_table(root: str, run_id: str, what: str, stamp: tuple[float, ...]) -> Any:
     from datainf_core import runs

@@ -14,8 +14,8 @@ from pages.common import (
     finished_runs,
     load_split,
     predicted_labels,
-    queue_base,
     require_project,
+    review_order,
     run_table,
     show_image,
 )
@@ -58,10 +58,8 @@ elif labels and len(labels) > 2:
     # Several classes: pre-fill relabels with the model's prediction (binary: the other label).
     predicted = predicted_labels(project)
 
-queue = appstate.build_queue(
-    train_df, signals, store.current(), signal=signal, label_column=label_col,
-    content_columns=content, labels=labels, predicted=predicted, base=queue_base(project),
-)  # fmt: skip
+order_table = review_order(project, run_id if runs_done else None, signal, signals, predicted)
+queue = appstate.with_decisions(order_table, store.actions())
 
 # ---- progress counts ---------------------------------------------------------------------------
 counts = store.counts()
@@ -89,7 +87,12 @@ with left.expander("Distribution, threshold and filters", expanded=True):
                 key="review_threshold", disabled=not use_threshold, label_visibility="collapsed",
             )  # fmt: skip
         threshold = threshold_value if use_threshold else None
-        fig = go.Figure(go.Histogram(x=values, nbinsx=60, marker_color="#5c7cfa"))
+        # Binned here: 60 bars go to the browser, not one point per training sample.
+        counts_per_bin, edges = np.histogram(values.to_numpy(), bins=60)
+        fig = go.Figure(
+            go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts_per_bin, width=np.diff(edges),
+                   marker_color="#5c7cfa")
+        )  # fmt: skip
         fig.add_vline(x=threshold_value, line_color="#e8590c", line_dash="dash")
         fig.update_layout(height=170, margin={"t": 5, "b": 5, "l": 5, "r": 5},
                           xaxis_title=None, yaxis_title="samples")  # fmt: skip

@@ -120,6 +120,40 @@ def test_build_and_filter_queue():
     assert plain["train_index"].tolist() == [0, 1, 2, 3]
 
 
+def test_queue_overlay_matches_a_plain_loop():
+    """The cached order plus the decisions overlay equals a row-by-row reference."""
+    rng = np.random.default_rng()
+    n = 300
+    labels = ["a", "b", "c"]
+    train = pd.DataFrame(
+        {"text": [f"t{i}" for i in range(n)], "label": rng.choice(labels, n).tolist()}
+    )
+    score = rng.standard_normal(n)
+    score[rng.random(n) < 0.1] = np.nan
+    signals = pd.DataFrame({"train_index": rng.permutation(n), "s": 0.0})
+    signals["s"] = score[signals["train_index"]]
+    picked = rng.choice(n, 80, replace=False)
+    decisions = pd.DataFrame(
+        {
+            "train_index": picked,
+            "action": rng.choice(["keep", "relabel", "exclude"], 80).tolist(),
+            "corrected_label": rng.choice(labels, 80).tolist(),
+        }
+    )
+    queue = appstate.build_queue(
+        train, signals, decisions, signal="s", label_column="label", content_columns=["text"],
+        labels=labels,
+    )  # fmt: skip
+    keyed = sorted(range(n), key=lambda i: (np.isnan(score[i]), -np.nan_to_num(score[i]), i))
+    assert queue["train_index"].tolist() == keyed
+    decided = {int(i): (a, c) for i, a, c in decisions.itertuples(index=False)}
+    for row in queue.itertuples():
+        action, corrected = decided.get(row.train_index, ("unreviewed", None))
+        assert (row.status, row.corrected_label) == (action, corrected)
+        assert row.label == train["label"][row.train_index]
+        assert row.suggested == appstate.suggest_label(row.label, labels)
+
+
 def test_cursor_and_selection():
     order = [5, 3, 9]
     assert appstate.step_cursor(order, 3, 1) == 9

@@ -43,6 +43,9 @@ def test_record_sets_current_state_and_logs(store):
     }
     assert store.decision(3)["corrected_label"] == "positive"
     assert store.decision(99) is None
+    lean = store.actions()
+    assert list(lean.columns) == ["train_index", "action", "corrected_label"]
+    assert lean.equals(store.current()[list(lean.columns)])
 
 
 def test_wal_mode_and_busy_timeout(store):
