@@ -89,6 +89,12 @@ SECTIONS: tuple[tuple[str, str, str], ...] = (
         "on the same adapter, data and queries as this engine: wall time and detection AUC.",
     ),
     (
+        "review_load",
+        "4b. Review actions on a 100,000-row project",
+        "Seconds per review action (store write plus the Review page's rerun), with an empty "
+        "review database and with half the rows decided; target under 1 s.",
+    ),
+    (
         "gpu",
         "5. GPU",
         "The same command fills this section when CUDA is present.",
