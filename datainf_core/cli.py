@@ -192,12 +192,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         train_loss=not args.no_train_loss,
         nproc=args.nproc,
     )
-    bar = _Bar(not args.no_progress)
+    rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 reports
+    bar = _Bar(not args.no_progress and rank == 0)
     started = time.perf_counter()
     try:
         folder = runs.execute_run(project, settings, run_id=args.run_id, progress=bar)
     finally:
         bar.close()
+    if rank != 0:
+        return 0
     print(f"run {folder.name} finished in {time.perf_counter() - started:.1f} s")
     print(f"results in {folder}")
     timings = runs.load_timings(project, folder.name)
@@ -336,7 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--loss-tokens", choices=["prompt", "response", "all"])
     run.add_argument("--no-self-influence", action="store_true")
     run.add_argument("--no-train-loss", action="store_true")
-    run.add_argument("--nproc", type=int, default=1, help="engine processes (torch.distributed)")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="local processes for gradients and scores (torch.distributed); under torchrun "
+        "its world size applies",
+    )
     run.add_argument("--run-id", help=argparse.SUPPRESS)
     run.add_argument("--top", type=int, default=TOP_SUSPECTS, help="suspects to print")
     run.add_argument("--no-progress", action="store_true")

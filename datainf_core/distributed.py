@@ -1,4 +1,8 @@
-"""Influence scores over torch.distributed ranks, each holding a shard of the training set.
+"""Gradients and influence scores over torch.distributed ranks, each with a shard of the data.
+
+:func:`collect_gradients_to_store_distributed` splits the store's shards over the ranks: each
+rank computes and writes its contiguous range of shard files into the one store folder, then
+rank 0 writes the manifest, so the store is the one a single process would have written.
 
 Each rank reads only its own training rows. The per-block sums over samples (Σ‖g‖² for the
 damping, the DataInf sums Σ_i c_i g_i, or the second moments of the exact and LiSSA methods) are
@@ -10,7 +14,10 @@ The result equals the single-process one up to the order of floating-point addit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +32,16 @@ from datainf_core.influence import (
     _run,
     _self_influence,
 )
+from datainf_core.store import (
+    MANIFEST,
+    GradientStore,
+    _write_json_atomic,
+    compute_shard,
+    open_store_folder,
+    verified_shards,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def shard_range(n: int, rank: int, world_size: int) -> slice:
@@ -224,3 +241,96 @@ def compute_self_influence_distributed(
         n_total=n_total,
     )
     return gather_scores(scores, group) if gather else scores
+
+
+def collect_gradients_to_store_distributed(
+    model: Any,
+    examples: Sequence[dict[str, Any]],
+    store_dir: str | Path,
+    *,
+    key: Mapping[str, str],
+    task: str,
+    shard_size: int = 256,
+    include: Sequence[str] | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    diffusion: Any = None,
+    method: str = "auto",
+    progress: Any = None,
+    group: Any = None,
+) -> GradientStore:
+    """:func:`~datainf_core.store.collect_gradients_to_store` with the shards split over ranks.
+
+    Call it on every rank with the same arguments. Rank ``r`` keeps or computes the shards
+    ``shard_range(count, r, world_size)`` (contiguous rows) and writes only those files; the
+    entries are gathered, and rank 0 writes the manifest before a final barrier. The folder, key
+    hash, shard files and rows are those of a single-process store, so either kind of run reuses
+    the other's store. Shards are the unit of work: with fewer shards than ranks some ranks idle.
+
+    Args:
+        model, examples, store_dir, key, task, shard_size, include, batch_size, device,
+            diffusion, method: As in ``collect_gradients_to_store`` (identical on every rank).
+        progress: ``progress(done, total)`` in this rank's samples.
+        group: Process group (default: the world).
+
+    Returns:
+        The complete store, on every rank.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    folder, manifest, count = open_store_folder(
+        model,
+        examples,
+        store_dir,
+        key=key,
+        task=task,
+        shard_size=shard_size,
+        include=include,
+        diffusion=diffusion,
+    )
+    mine = range(count)[shard_range(count, rank, world)]
+    kept = verified_shards(folder, manifest, mine)
+    total = sum(min(len(examples), (i + 1) * shard_size) - i * shard_size for i in mine)
+    done = sum(int(s["stop"]) - int(s["start"]) for s in kept.values())
+    began = time.perf_counter()
+    for index in mine:
+        if index in kept:
+            continue
+
+        def shard_progress(rows: int, _total: int, offset: int = done) -> None:
+            if progress is not None:
+                progress(offset + rows, total)
+
+        kept[index] = compute_shard(
+            model,
+            examples,
+            folder,
+            index,
+            shard_size=shard_size,
+            task=task,
+            include=include,
+            batch_size=batch_size,
+            device=device,
+            diffusion=diffusion,
+            method=method,
+            progress=shard_progress,
+        )
+        done += int(kept[index]["stop"]) - int(kept[index]["start"])
+    if progress is not None:
+        progress(total, total)
+    logger.info(
+        "rank %d: %d of %d gradient shards ready in %.2f seconds",
+        rank,
+        len(mine),
+        count,
+        time.perf_counter() - began,
+    )
+    # Every rank's entries, in shard order; rank 0 records them once all files are on disk.
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, kept, group=group)
+    entries = {int(i): entry for part in gathered for i, entry in part.items()}
+    manifest["shards"] = [entries[i] for i in sorted(entries)]
+    manifest["complete"] = len(entries) == count
+    if rank == 0:
+        _write_json_atomic(folder / MANIFEST, manifest)
+    dist.barrier(group=group)
+    return GradientStore(folder, manifest)

@@ -13,6 +13,7 @@ in a detached worker (``python -m datainf_core run DIR --run-id ID ...``); the w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from datainf_core import launch
 from datainf_core.errors import DataInfError
 from datainf_core.project import Project, write_atomic
 
@@ -46,6 +48,7 @@ FINISHED = ("done", "failed", "cancelled")
 CANCEL_FILE = "cancel"
 STATUS_FILE = "status.json"
 SETTINGS_FILE = "settings.json"
+SHARD_SIZE_ENV = "DATAINF_SHARD_SIZE"
 
 Progress = Callable[[int, int, str], None]
 
@@ -88,7 +91,8 @@ class RunSettings:
             project's ``[influence] loss_tokens``.
         self_influence: Add the ``self_influence`` signal.
         train_loss: Add the per-sample training loss signal (``train_loss``).
-        nproc: Processes for the engine (``torch.distributed``); 1 runs in this process.
+        nproc: Local processes (``torch.distributed`` ranks) for gradients and scores; 1 runs
+            in this process. Under torchrun the launcher's world size applies instead.
     """
 
     methods: list[str] = field(default_factory=lambda: ["datainf"])
@@ -283,7 +287,10 @@ def gradient_store_key(
 class _StatusWriter:
     """Keeps ``status.json`` current; raises RunCancelled once a ``cancel`` file appears."""
 
-    def __init__(self, folder: Path, run_id: str, progress: Progress | None) -> None:
+    def __init__(
+        self, folder: Path, run_id: str, progress: Progress | None, *, enabled: bool = True
+    ) -> None:
+        self.enabled = enabled  # False on ranks other than 0: they only check for cancel
         self.folder = folder
         self.run_id = run_id
         self.progress = progress
@@ -307,6 +314,8 @@ class _StatusWriter:
 
     def write(self, **changes: Any) -> None:
         self.status.update(changes)
+        if not self.enabled:
+            return
         self.status["updated"] = _now()
         self.status["elapsed"] = round(time.time() - self.started, 3)
         write_json(self.folder / STATUS_FILE, self.status)
@@ -421,10 +430,25 @@ def _collect(
     except ImportError:
         logger.warning("datainf_core.store is missing; keeping gradients in memory")
         return gradients.collect_gradients(loaded.model, examples, **common)
+    if SHARD_SIZE_ENV in os.environ:
+        common["shard_size"] = _shard_size()
     # The store keeps one subfolder per key hash below this folder (cache hit = no recompute).
-    return collect_gradients_to_store(
-        loaded.model, examples, project.gradients_dir / split, key=key, **common
-    )
+    store_dir = project.gradients_dir / split
+    if launch.rank_and_world()[1] > 1:
+        from datainf_core.distributed import collect_gradients_to_store_distributed
+
+        return collect_gradients_to_store_distributed(
+            loaded.model, examples, store_dir, key=key, **common
+        )
+    return collect_gradients_to_store(loaded.model, examples, store_dir, key=key, **common)
+
+
+def _shard_size() -> int:
+    """Samples per gradient shard from ``DATAINF_SHARD_SIZE`` (part of the store's key)."""
+    value = os.environ[SHARD_SIZE_ENV]
+    if not value.isdigit() or int(value) < 1:
+        raise RunError(f"{SHARD_SIZE_ENV}={value!r} should be a positive integer; e.g. 256")
+    return int(value)
 
 
 def _per_query_frame(matrix: torch.Tensor, method: str) -> pd.DataFrame:
@@ -454,94 +478,6 @@ def _check_finite(name: str, values: torch.Tensor) -> None:
         )
 
 
-class _RowSlice:
-    """Rows ``[start, stop)`` of a (lazy) gradient block, itself sliceable like a block."""
-
-    def __init__(self, block: Any, start: int, stop: int) -> None:
-        self.block, self.start, self.stop = block, start, stop
-        self.shape = (stop - start, int(block.shape[1]))
-        self.dtype = getattr(block, "dtype", None)
-
-    def __getitem__(self, index: slice) -> torch.Tensor:
-        begin, end, _ = index.indices(self.shape[0])
-        return self.block[self.start + begin : self.start + max(begin, end)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _distributed_worker(
-    rank: int,
-    world_size: int,
-    port: int,
-    train_path: str,
-    query_path: str,
-    kwargs: dict[str, Any],
-    out_path: str,
-) -> None:
-    """One rank of a ``--nproc`` scoring: its contiguous shard of the train store (gloo)."""
-    import torch
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from datainf_core import distributed
-    from datainf_core.store import GradientStore
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-    )
-    try:
-        train = GradientStore.open(train_path, verify=False)
-        query = GradientStore.open(query_path, verify=False)
-        rows = distributed.shard_range(train.n, rank, world_size)
-        shard = {name: _RowSlice(block, rows.start, rows.stop) for name, block in train.items()}
-        scores = distributed.compute_influence_distributed(shard, query, gather=True, **kwargs)
-        if rank == 0:
-            save_file({"scores": scores.detach().cpu().contiguous()}, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _compute_distributed(
-    train_grads: Mapping[str, Any],
-    query_grads: Mapping[str, Any],
-    *,
-    nproc: int,
-    folder: Path,
-    kwargs: dict[str, Any],
-) -> torch.Tensor:
-    """Scores with ``nproc`` gloo processes, each reading its shard of the on-disk train store."""
-    import torch.multiprocessing as mp
-    from safetensors.torch import load_file
-
-    train_path, query_path = getattr(train_grads, "path", None), getattr(query_grads, "path", None)
-    if train_path is None or query_path is None:
-        raise RunError(
-            f"nproc={nproc} needs the on-disk gradient store (datainf_core.store); run with --nproc 1"
-        )
-    out_path = folder / f".scores-{secrets.token_hex(4)}.safetensors"
-    settings = {k: v for k, v in kwargs.items() if k != "progress"}
-    started = time.perf_counter()
-    try:
-        mp.spawn(
-            _distributed_worker,
-            args=(nproc, _free_port(), str(train_path), str(query_path), settings, str(out_path)),
-            nprocs=nproc,
-            join=True,
-        )
-        scores = load_file(out_path)["scores"]
-    finally:
-        out_path.unlink(missing_ok=True)
-    logger.info("scored with %d processes in %.2f seconds", nproc, time.perf_counter() - started)
-    return scores
-
-
 def _compute_method(
     name: str,
     train_grads: Mapping[str, Any],
@@ -551,7 +487,8 @@ def _compute_method(
     aggregate: str | None,
     progress: Callable[[int, int], None],
     folder: Path,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
+    """Scores of one method (n or m x n); None on ranks other than 0 when rank 0 runs it alone."""
     from datainf_core import influence
 
     base, cosine = split_method(name)
@@ -562,23 +499,60 @@ def _compute_method(
         "unit_norm": cosine,
         "progress": progress,
     }
-    if settings.nproc > 1:
-        n = int(next(iter(train_grads.values())).shape[0])
-        wide = [k for k, block in train_grads.items() if int(block.shape[1]) > n]
-        if base in ("exact", "lissa") and wide:
-            # The distributed engine solves in the primal only (d ≤ n); one process handles d > n.
-            logger.warning(
-                "%s with %d blocks wider than n=%d runs in one process, not %d",
-                name,
-                len(wide),
-                n,
-                settings.nproc,
-            )
-        else:
-            return _compute_distributed(
-                train_grads, query_grads, nproc=settings.nproc, folder=folder, kwargs=kwargs
-            )
+    rank, world = launch.rank_and_world()
+    if world > 1 and _fits_ranks(base, train_grads):
+        from datainf_core import distributed
+
+        shard = distributed.shard_gradients(train_grads, rank, world)
+        from datainf_core.device import resolve_device
+
+        device = resolve_device(settings.device) if dist_backend() == "nccl" else None
+        query = {k: block[:].to(device or "cpu") for k, block in query_grads.items()}  # m x d
+        scores = distributed.compute_influence_distributed(shard, query, gather=True, **kwargs)
+        return scores.cpu()
+    if rank != 0:
+        return None  # rank 0 computes it alone
     return influence.compute_influence(train_grads, query_grads, **kwargs)
+
+
+def _compute_self_influence(
+    train_grads: Mapping[str, Any], *, settings: RunSettings, status: _StatusWriter
+) -> torch.Tensor | None:
+    """Self-influence (n), over gloo ranks when d ≤ n; else rank 0 alone (None elsewhere)."""
+    from datainf_core import influence
+
+    rank, world = launch.rank_and_world()
+    # The engine reduces self-influence on the train blocks' device: CPU for a lazy store.
+    if world > 1 and dist_backend() == "gloo" and _fits_ranks("self_influence", train_grads):
+        from datainf_core import distributed
+
+        shard = distributed.shard_gradients(train_grads, rank, world)
+        return distributed.compute_self_influence_distributed(
+            shard, damping=settings.damping, progress=status.callback(), gather=True
+        ).cpu()
+    if rank != 0:
+        return None
+    return influence.compute_self_influence(
+        train_grads, damping=settings.damping, progress=status.callback()
+    )
+
+
+def dist_backend() -> str | None:
+    """The process group's backend (``"gloo"``, ``"nccl"``), None outside one."""
+    import torch.distributed as dist
+
+    return str(dist.get_backend()) if dist.is_initialized() else None
+
+
+def _fits_ranks(method: str, train_grads: Mapping[str, Any]) -> bool:
+    """Whether ``method`` splits over ranks: the exact, LiSSA and self-influence need d ≤ n."""
+    if method not in ("exact", "lissa", "self_influence"):
+        return True
+    n = int(next(iter(train_grads.values())).shape[0])
+    wide = [k for k, block in train_grads.items() if int(block.shape[1]) > n]
+    if wide:
+        logger.warning("%s: %d blocks wider than n=%d; rank 0 runs it alone", method, len(wide), n)
+    return not wide
 
 
 def execute_run(
@@ -605,21 +579,54 @@ def execute_run(
         RunCancelled: The ``cancel`` file appeared or Ctrl-C was pressed.
     """
     settings.validate()
-    run_id = run_id or new_run_id()
+    if settings.nproc > 1 and launch.launched_world_size() == 1:
+        return _spawn_ranks(project, settings, run_id or new_run_id())
+    joined = launch.join_process_group(settings.device)  # under torchrun or a spawned rank
+    try:
+        rank, world = launch.rank_and_world()
+        run_id = launch.broadcast_text(run_id or new_run_id())
+        folder = run_dir(project, run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        status = _StatusWriter(folder, run_id, progress if rank == 0 else None, enabled=rank == 0)
+        _run_as_rank(project, settings, folder, status)
+    finally:
+        if joined:
+            launch.leave_process_group()
+    return folder
+
+
+def _spawn_ranks(project: Project, settings: RunSettings, run_id: str) -> Path:
+    """``--nproc N`` on one machine: N spawned ranks run the whole run; rank 0 writes it."""
     folder = run_dir(project, run_id)
     folder.mkdir(parents=True, exist_ok=True)
-    status = _StatusWriter(folder, run_id, progress)
-    loss_tokens = settings.loss_tokens or project.influence.loss_tokens
-    write_json(
-        folder / SETTINGS_FILE,
-        {
-            "run_id": run_id,
-            "created": status.status["created"],
-            "settings": asdict(settings),
-            "loss_tokens": loss_tokens,
-            "project": project.to_dict(),
-        },
+    status = _StatusWriter(folder, run_id, None)
+    _write_settings(folder, status, settings, project)
+    started = time.perf_counter()
+    try:
+        launch.spawn_run(project.root, asdict(settings), run_id, settings.nproc)
+    except launch.LaunchError as exc:
+        with contextlib.suppress(OSError, ValueError):  # rank 0's last status, if any
+            status.status.update(json.loads((folder / STATUS_FILE).read_text(encoding="utf-8")))
+        if (folder / CANCEL_FILE).exists():
+            status.write(state="cancelled", error=f"cancelled during {status.status['stage']}")
+            raise RunCancelled(f"run {run_id} was cancelled") from None
+        status.write(state="failed", error=str(exc))  # the first rank that failed
+        raise
+    logger.info(
+        "run %s: %d processes in %.2f seconds",
+        run_id,
+        settings.nproc,
+        time.perf_counter() - started,
     )
+    return folder
+
+
+def _run_as_rank(
+    project: Project, settings: RunSettings, folder: Path, status: _StatusWriter
+) -> None:
+    """The run in this process (rank 0 of 1, or one rank of a process group)."""
+    run_id = status.run_id
+    loss_tokens = _write_settings(folder, status, settings, project)
     status.write()
     try:
         _execute(project, settings, folder, status, loss_tokens)
@@ -634,9 +641,25 @@ def execute_run(
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, DataInfError):
             message = f"{type(exc).__name__}: {message}"
+        rank, world = launch.rank_and_world()
+        if world > 1:  # one line per rank, e.g. a rank that lost its peers
+            message = f"rank {rank} of {world} failed during {status.stage}: {message}"
         status.write(state="failed", error=message)
+        if world > 1:
+            raise launch.LaunchError(message) from exc
         raise
-    return folder
+
+
+def _write_settings(
+    folder: Path, status: _StatusWriter, settings: RunSettings, project: Project
+) -> str:
+    """Writes ``settings.json`` (rank 0 only); returns the loss tokens the run uses."""
+    loss_tokens = settings.loss_tokens or project.influence.loss_tokens
+    if status.enabled:
+        content = {"run_id": status.run_id, "created": status.status["created"]}
+        content.update(settings=asdict(settings), loss_tokens=loss_tokens)
+        write_json(folder / SETTINGS_FILE, {**content, "project": project.to_dict()})
+    return loss_tokens
 
 
 def _execute(
@@ -665,7 +688,9 @@ def _execute(
             project, loaded, examples, split=split, key=key, settings=settings, status=status
         )
 
-    # 3. Influence scores for each method (aggregate over queries, and per query).
+    # 3. Influence scores for each method (aggregate over queries, and per query). Every rank
+    # takes part in the reductions; only rank 0 keeps the results and writes the run's files.
+    rank = launch.rank_and_world()[0]
     signals = pd.DataFrame({"train_index": range(n)})
     score_frames, per_query_frames = [], []
     for name in settings.methods:
@@ -678,12 +703,8 @@ def _execute(
             aggregate="mean",
             progress=status.callback(),
             folder=folder,
-        ).reshape(-1)  # n
-        _check_finite(f"{name} scores", scores)
-        signals[name] = scores.detach().cpu().double().numpy()
-        score_frames.append(
-            pd.DataFrame({"train_index": range(n), "method": name, "score": signals[name]})
-        )
+        )  # n
+        matrix = None
         if settings.per_query:
             status.begin(f"per-query scores: {name}", 1)
             matrix = _compute_method(
@@ -695,7 +716,21 @@ def _execute(
                 progress=status.callback(),
                 folder=folder,
             )  # m x n
+        if rank != 0:
+            continue
+        scores = scores.reshape(-1)
+        _check_finite(f"{name} scores", scores)
+        signals[name] = scores.detach().cpu().double().numpy()
+        score_frames.append(
+            pd.DataFrame({"train_index": range(n), "method": name, "score": signals[name]})
+        )
+        if matrix is not None:
             per_query_frames.append(_per_query_frame(matrix, name))
+    if settings.self_influence:
+        status.begin("self-influence", 1)
+        values = _compute_self_influence(grads["train"], settings=settings, status=status)
+    if rank != 0:
+        return
     write_parquet(folder / "scores.parquet", pd.concat(score_frames, ignore_index=True))
     per_query = pd.concat(per_query_frames, ignore_index=True) if per_query_frames else None
     if per_query is not None:
@@ -703,12 +738,6 @@ def _execute(
 
     # 4. The other mislabel signals: self-influence and the plain training loss.
     if settings.self_influence:
-        from datainf_core import influence
-
-        status.begin("self-influence", 1)
-        values = influence.compute_self_influence(
-            grads["train"], damping=settings.damping, progress=status.callback()
-        )
         _check_finite("self-influence", values)
         signals["self_influence"] = values.detach().cpu().double().numpy()
     if settings.train_loss:

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -268,7 +268,86 @@ def collect_gradients_to_store(
     Raises:
         StoreError: ``shard_size`` is not positive, or the folder cannot be written.
     """
-    from datainf_core.gradients import adapter_parameters, collect_gradients_and_losses
+    folder, manifest, count = open_store_folder(
+        model,
+        examples,
+        store_dir,
+        key=key,
+        task=task,
+        shard_size=shard_size,
+        include=include,
+        diffusion=diffusion,
+    )
+    n = len(examples)
+    # 1. Keep the shards whose file is present and matches its checksum.
+    kept = verified_shards(folder, manifest, range(count))
+    if len(kept) == count and manifest.get("complete"):
+        logger.info("Gradient store cache hit: %s (%d samples)", folder, n)
+        if progress is not None:
+            progress(n, n)
+        return GradientStore(folder, manifest)
+    manifest["shards"] = [kept[i] for i in sorted(kept)]
+    manifest["complete"] = False
+    _write_json_atomic(folder / MANIFEST, manifest)
+    # 2. Compute the missing shards in order, recording each one once its file is on disk.
+    began = time.perf_counter()
+    done = sum(int(s["stop"]) - int(s["start"]) for s in kept.values())
+    for index in range(count):
+        if index in kept:
+            continue
+
+        def shard_progress(rows: int, _total: int, offset: int = done) -> None:
+            if progress is not None:
+                progress(offset + rows, n)
+
+        kept[index] = compute_shard(
+            model,
+            examples,
+            folder,
+            index,
+            shard_size=shard_size,
+            task=task,
+            include=include,
+            batch_size=batch_size,
+            device=device,
+            diffusion=diffusion,
+            method=method,
+            progress=shard_progress,
+        )
+        manifest["shards"] = [kept[i] for i in sorted(kept)]
+        manifest["complete"] = len(kept) == count
+        _write_json_atomic(folder / MANIFEST, manifest)
+        done += int(kept[index]["stop"]) - int(kept[index]["start"])
+    logger.info(
+        "Gradient store %s written (%d samples, %d shards) in %.2f seconds",
+        folder,
+        n,
+        count,
+        time.perf_counter() - began,
+    )
+    return GradientStore(folder, manifest)
+
+
+def open_store_folder(
+    model: nn.Module,
+    examples: Sequence[dict[str, Any]],
+    store_dir: str | Path,
+    *,
+    key: Mapping[str, str],
+    task: str,
+    shard_size: int = 256,
+    include: Sequence[str] | None = None,
+    diffusion: Any = None,
+) -> tuple[Path, dict[str, Any], int]:
+    """The store folder for these inputs, its manifest (read, or a fresh empty one) and shard count.
+
+    Creates the folder; writes nothing else. Every process that computes shards of the same
+    store (see :mod:`datainf_core.distributed`) gets the same folder and manifest from it.
+
+    Raises:
+        StoreError: ``shard_size`` is not positive, or the folder cannot be created.
+    """
+    from datainf_core.gradients import adapter_parameters
 
     if not isinstance(shard_size, int) or shard_size < 1:
         raise StoreError(f"shard_size should be a positive integer, got {shard_size!r}; pass 256")
@@ -309,58 +388,46 @@ def collect_gradients_to_store(
             "shards": [],
             "complete": False,
         }
-    # 1. Keep the shards whose file is present and matches its checksum.
+    return folder, manifest, (n + shard_size - 1) // shard_size
+
+
+def verified_shards(
+    folder: Path, manifest: Mapping[str, Any], indices: Iterable[int]
+) -> dict[int, dict[str, Any]]:
+    """Shard index → manifest entry, for the ``indices`` whose file is present and intact."""
+    wanted = set(indices)
     kept: dict[int, dict[str, Any]] = {}
     for shard in manifest["shards"]:
+        if int(shard["index"]) not in wanted:
+            continue
         if _shard_ok(folder, shard):
             kept[int(shard["index"])] = shard
         else:
             logger.warning("Gradient shard %s is missing or corrupt: recomputing it", shard["file"])
-    count = (n + shard_size - 1) // shard_size
-    if len(kept) == count and manifest.get("complete"):
-        logger.info("Gradient store cache hit: %s (%d samples)", folder, n)
-        if progress is not None:
-            progress(n, n)
-        return GradientStore(folder, manifest)
-    manifest["shards"] = [kept[i] for i in sorted(kept)]
-    manifest["complete"] = False
-    _write_json_atomic(folder / MANIFEST, manifest)
-    # 2. Compute the missing shards in order, recording each one once its file is on disk.
-    began = time.perf_counter()
-    done = sum(int(s["stop"]) - int(s["start"]) for s in kept.values())
-    for index in range(count):
-        if index in kept:
-            continue
-        start, stop = index * shard_size, min(n, (index + 1) * shard_size)
+    return kept
 
-        def shard_progress(rows: int, _total: int, offset: int = done) -> None:
-            if progress is not None:
-                progress(offset + rows, n)
 
-        grads, losses = collect_gradients_and_losses(
-            model,
-            examples[start:stop],
-            task=task,
-            include=include,
-            batch_size=batch_size,
-            device=device,
-            diffusion=diffusion,
-            method=method,
-            progress=shard_progress,
-        )
-        kept[index] = _write_shard(folder, index, start, stop, grads, losses)
-        manifest["shards"] = [kept[i] for i in sorted(kept)]
-        manifest["complete"] = len(kept) == count
-        _write_json_atomic(folder / MANIFEST, manifest)
-        done += stop - start
-    logger.info(
-        "Gradient store %s written (%d samples, %d shards) in %.2f seconds",
-        folder,
-        n,
-        count,
-        time.perf_counter() - began,
-    )
-    return GradientStore(folder, manifest)
+def compute_shard(
+    model: nn.Module,
+    examples: Sequence[dict[str, Any]],
+    folder: Path,
+    index: int,
+    *,
+    shard_size: int,
+    task: str,
+    **collect: Any,
+) -> dict[str, Any]:
+    """Collects and writes shard ``index`` (rows ``index * shard_size`` on); its manifest entry.
+
+    Args:
+        collect: ``include``, ``batch_size``, ``device``, ``diffusion``, ``method`` and
+            ``progress`` of ``collect_gradients_and_losses``.
+    """
+    from datainf_core.gradients import collect_gradients_and_losses
+
+    start, stop = index * shard_size, min(len(examples), (index + 1) * shard_size)
+    grads, losses = collect_gradients_and_losses(model, examples[start:stop], task=task, **collect)
+    return _write_shard(folder, index, start, stop, grads, losses)
 
 
 def _write_shard(
