@@ -334,3 +334,62 @@ def collect_gradients_to_store_distributed(
         _write_json_atomic(folder / MANIFEST, manifest)
     dist.barrier(group=group)
     return GradientStore(folder, manifest)
+
+
+def splits_over_ranks(method: str, train_grads: Mapping[str, Any], group: Any = None) -> bool:
+    """Whether ``method`` runs over the ranks of a run (else rank 0 computes it alone).
+
+    Exact, LiSSA and self-influence solve in the primal across ranks, so they need every block's
+    width ≤ n; self-influence also reduces on the train blocks' device, so not with NCCL.
+    """
+    if method not in ("exact", "lissa", "self_influence"):
+        return True
+    if method == "self_influence" and dist.get_backend(group) == "nccl":
+        logger.warning("self-influence with NCCL runs on rank 0 alone")
+        return False
+    n = int(next(iter(train_grads.values())).shape[0])
+    wide = [name for name, block in train_grads.items() if int(block.shape[1]) > n]
+    if wide:
+        logger.warning("%s: %d blocks wider than n=%d; rank 0 runs it alone", method, len(wide), n)
+    return not wide
+
+
+def compute_influence_over_ranks(
+    train_grads: Mapping[str, Any],
+    query_grads: Mapping[str, Any],
+    *,
+    device: str | torch.device = "auto",
+    group: Any = None,
+    **settings: Any,
+) -> torch.Tensor:
+    """Scores of the whole train set on every rank, each rank reducing its shard of it.
+
+    Args:
+        train_grads: Block name → all ``n x d_block`` train gradients (a lazy store: each rank
+            reads only its :func:`shard_range` rows).
+        query_grads: Block name → ``m x d_block`` query gradients, loaded once per rank (onto
+            ``device`` with NCCL, whose reductions need CUDA tensors).
+        device: The run's device.
+        group: Process group (default: the world).
+        settings: ``compute_influence_distributed`` settings (method, damping, aggregate, ...).
+
+    Returns:
+        float32 CPU scores, ``n`` or ``m x n``.
+    """
+    from datainf_core.device import resolve_device
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    where = resolve_device(device) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    query = {name: block[:].to(where) for name, block in query_grads.items()}  # m x d_block
+    shard = shard_gradients(train_grads, rank, world)
+    scores = compute_influence_distributed(shard, query, gather=True, group=group, **settings)
+    return scores.cpu()
+
+
+def compute_self_influence_over_ranks(
+    train_grads: Mapping[str, Any], *, group: Any = None, **settings: Any
+) -> torch.Tensor:
+    """Self-influence of the whole train set (float32 CPU, ``n``) on every rank; gloo only."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    shard = shard_gradients(train_grads, rank, world)
+    return compute_self_influence_distributed(shard, gather=True, group=group, **settings).cpu()

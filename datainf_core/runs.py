@@ -486,7 +486,6 @@ def _compute_method(
     settings: RunSettings,
     aggregate: str | None,
     progress: Callable[[int, int], None],
-    folder: Path,
 ) -> torch.Tensor | None:
     """Scores of one method (n or m x n); None on ranks other than 0 when rank 0 runs it alone."""
     from datainf_core import influence
@@ -500,59 +499,37 @@ def _compute_method(
         "progress": progress,
     }
     rank, world = launch.rank_and_world()
-    if world > 1 and _fits_ranks(base, train_grads):
+    if world > 1:
         from datainf_core import distributed
 
-        shard = distributed.shard_gradients(train_grads, rank, world)
-        from datainf_core.device import resolve_device
-
-        device = resolve_device(settings.device) if dist_backend() == "nccl" else None
-        query = {k: block[:].to(device or "cpu") for k, block in query_grads.items()}  # m x d
-        scores = distributed.compute_influence_distributed(shard, query, gather=True, **kwargs)
-        return scores.cpu()
-    if rank != 0:
-        return None  # rank 0 computes it alone
+        if distributed.splits_over_ranks(base, train_grads):
+            return distributed.compute_influence_over_ranks(
+                train_grads, query_grads, device=settings.device, **kwargs
+            )
+        if rank != 0:
+            return None  # rank 0 computes it alone
     return influence.compute_influence(train_grads, query_grads, **kwargs)
 
 
 def _compute_self_influence(
     train_grads: Mapping[str, Any], *, settings: RunSettings, status: _StatusWriter
 ) -> torch.Tensor | None:
-    """Self-influence (n), over gloo ranks when d ≤ n; else rank 0 alone (None elsewhere)."""
+    """Self-influence (n), over the ranks where it can; else rank 0 alone (None elsewhere)."""
     from datainf_core import influence
 
     rank, world = launch.rank_and_world()
-    # The engine reduces self-influence on the train blocks' device: CPU for a lazy store.
-    if world > 1 and dist_backend() == "gloo" and _fits_ranks("self_influence", train_grads):
+    if world > 1:
         from datainf_core import distributed
 
-        shard = distributed.shard_gradients(train_grads, rank, world)
-        return distributed.compute_self_influence_distributed(
-            shard, damping=settings.damping, progress=status.callback(), gather=True
-        ).cpu()
-    if rank != 0:
-        return None
+        if distributed.splits_over_ranks("self_influence", train_grads):
+            return distributed.compute_self_influence_over_ranks(
+                train_grads, damping=settings.damping, progress=status.callback()
+            )
+        if rank != 0:
+            return None
     return influence.compute_self_influence(
         train_grads, damping=settings.damping, progress=status.callback()
     )
-
-
-def dist_backend() -> str | None:
-    """The process group's backend (``"gloo"``, ``"nccl"``), None outside one."""
-    import torch.distributed as dist
-
-    return str(dist.get_backend()) if dist.is_initialized() else None
-
-
-def _fits_ranks(method: str, train_grads: Mapping[str, Any]) -> bool:
-    """Whether ``method`` splits over ranks: the exact, LiSSA and self-influence need d ≤ n."""
-    if method not in ("exact", "lissa", "self_influence"):
-        return True
-    n = int(next(iter(train_grads.values())).shape[0])
-    wide = [k for k, block in train_grads.items() if int(block.shape[1]) > n]
-    if wide:
-        logger.warning("%s: %d blocks wider than n=%d; rank 0 runs it alone", method, len(wide), n)
-    return not wide
 
 
 def execute_run(
@@ -562,7 +539,11 @@ def execute_run(
     run_id: str | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """Runs gradients → scores → signals → evaluation in this process.
+    """Runs gradients → scores → signals → evaluation.
+
+    In this process; with ``settings.nproc > 1`` in that many spawned ranks; under torchrun as
+    one rank of its process group (see :mod:`datainf_core.launch`). Ranks split the gradient
+    collection and the scoring; rank 0 writes the run folder.
 
     Args:
         project: A validated project with an adapter.
@@ -583,7 +564,7 @@ def execute_run(
         return _spawn_ranks(project, settings, run_id or new_run_id())
     joined = launch.join_process_group(settings.device)  # under torchrun or a spawned rank
     try:
-        rank, world = launch.rank_and_world()
+        rank = launch.rank_and_world()[0]
         run_id = launch.broadcast_text(run_id or new_run_id())
         folder = run_dir(project, run_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -702,7 +683,6 @@ def _execute(
             settings=settings,
             aggregate="mean",
             progress=status.callback(),
-            folder=folder,
         )  # n
         matrix = None
         if settings.per_query:
@@ -714,7 +694,6 @@ def _execute(
                 settings=settings,
                 aggregate=None,
                 progress=status.callback(),
-                folder=folder,
             )  # m x n
         if rank != 0:
             continue
