@@ -344,13 +344,14 @@ def splits_over_ranks(method: str, train_grads: Mapping[str, Any], group: Any = 
     """
     if method not in ("exact", "lissa", "self_influence"):
         return True
+    report = logger.warning if dist.get_rank(group) == 0 else logger.debug
     if method == "self_influence" and dist.get_backend(group) == "nccl":
-        logger.warning("self-influence with NCCL runs on rank 0 alone")
+        report("self-influence with NCCL runs on rank 0 alone")
         return False
     n = int(next(iter(train_grads.values())).shape[0])
     wide = [name for name, block in train_grads.items() if int(block.shape[1]) > n]
     if wide:
-        logger.warning("%s: %d blocks wider than n=%d; rank 0 runs it alone", method, len(wide), n)
+        report("%s: %d blocks wider than n=%d; rank 0 runs it alone", method, len(wide), n)
     return not wide
 
 
