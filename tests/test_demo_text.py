@@ -101,6 +101,15 @@ def test_build_text_demo_writes_project_and_adapter(tmp_path, monkeypatch) -> No
     assert int(train["is_noisy"].sum()) == 8
     assert len(pd.read_csv(project.validation_path)) == 100
     assert calls[-1][0] == calls[-1][1]
+    # The documented default: influence runs use the classifier head's tensors only.
+    assert project.influence.include == text.INFLUENCE_INCLUDE
+    from datainf_core.gradients import adapter_parameters
+    from datainf_core.models import load_adapted_model
+
+    model = load_adapted_model(project)
+    chosen = adapter_parameters(model, project.influence.include)
+    assert chosen and all("classifier" in name for name in chosen)
+    assert len(chosen) < len(adapter_parameters(model))
 
 
 def test_demo_train_settings_regimes() -> None:
