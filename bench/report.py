@@ -89,6 +89,13 @@ SECTIONS: tuple[tuple[str, str, str], ...] = (
         "on the same adapter, data and queries as this engine: wall time and detection AUC.",
     ),
     (
+        "scaleout",
+        "1c. Several processes and random projection",
+        "A whole run (gradients and scores) with 1 and 2 processes on the same project, and the "
+        "rank correlation of scores on randomly projected gradients with unprojected ones on "
+        "the text demo.",
+    ),
+    (
         "review_load",
         "4b. Review actions on a 100,000-row project",
         "Seconds per review action (store write plus the Review page's rerun), with an empty "

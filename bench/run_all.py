@@ -96,6 +96,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ),
     Benchmark("gradients", "bench/bench_gradients.py", 150, args=("--quick",)),
     Benchmark("memory", "bench/bench_memory.py", 150, args=("--quick",)),
+    Benchmark("scaleout", "bench/bench_scaleout.py", 240),
     Benchmark("review_load", "bench/bench_review_load.py", 240, args=("--actions", "3")),
 )
 

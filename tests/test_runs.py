@@ -233,19 +233,6 @@ def test_background_worker(cls_project: Project) -> None:
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-def test_nproc_2_equals_one_process(cls_project: Project, finished_run: str) -> None:
-    """--nproc 2: two gloo processes, each scoring its shard of the store, equal one process."""
-    folder = runs.execute_run(
-        cls_project,
-        runs.RunSettings(methods=["datainf"], self_influence=False, train_loss=False, nproc=2),
-    )
-    two = runs.load_signals(cls_project, folder.name)["datainf"].to_numpy()
-    one = runs.load_signals(cls_project, finished_run)["datainf"].to_numpy()
-    from tolerances import DIST_RTOL
-
-    np.testing.assert_allclose(two, one, rtol=DIST_RTOL, atol=ENGINE_ATOL)
-
-
 def test_interrupted_run_then_rerun_gives_the_same_scores(
     cls_project: Project, finished_run: str, monkeypatch
 ) -> None:
