@@ -67,6 +67,28 @@ SIGN_EXPLANATION = (
     "**Negative = helpful**: it supports the right answer. Scores compare within one method; their "
     "scale depends on the method and the damping."
 )
+# What the generation loss covers decides which question the scores answer (README: "Generation:
+# which tokens the loss covers").
+LOSS_TOKENS_MEANING: dict[str, str] = {
+    "prompt": "the loss covers the **prompt** tokens (the published DataInf code's choice): "
+    "training samples whose prompts resemble this one's, i.e. the same kind of task",
+    "response": "the loss covers the **response** tokens: what shaped this answer; large-gradient "
+    "samples crowd every top list, so compare with the `_cosine` methods",
+    "all": "the loss covers **all** tokens, prompt and response",
+}
+
+
+def loss_tokens_caption(settings: Mapping[str, Any]) -> str | None:
+    """A one-line reading of a generation run's loss-token setting (None if it has none).
+
+    Args:
+        settings: The run's ``settings.json`` (its top-level ``loss_tokens`` is the resolved one).
+    """
+    tokens = settings.get("loss_tokens") or settings.get("settings", {}).get("loss_tokens")
+    meaning = LOSS_TOKENS_MEANING.get(str(tokens))
+    return f"In this run {meaning}." if meaning else None
+
+
 SIGNAL_HELP: dict[str, str] = {
     "combined": "weighted average of the percentile ranks of all signals (the default ranking)",
     "self_influence": "how strongly a sample influences its own loss (high = unusual or mislabelled)",

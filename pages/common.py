@@ -6,6 +6,7 @@ Logic lives in ``datainf_core`` (mostly ``appstate``); this file only wires it t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,14 @@ def pick_run(project: Any, *, key: str) -> str | None:
     index = done.index(chosen) if chosen in done else 0
     run_id = st.selectbox("Run", done, index=index, key=key)
     st.session_state["chosen_run"] = run_id
+    if project.task == "generation":
+        settings_file = Path(project.runs_dir) / run_id / "settings.json"
+        try:
+            caption = appstate.loss_tokens_caption(json.loads(settings_file.read_text("utf-8")))
+        except (OSError, ValueError):
+            caption = None
+        if caption:
+            st.caption(caption)
     return run_id
 
 

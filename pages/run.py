@@ -64,6 +64,7 @@ with st.form("run_settings"):
             ["response", "prompt", "all"],
             index=["response", "prompt", "all"].index(project.influence.loss_tokens),
             key="run_loss_tokens",
+            help="; ".join(f"{k}: {v}" for k, v in appstate.LOSS_TOKENS_MEANING.items()),
         )
     start = st.form_submit_button("Start run", type="primary")
 

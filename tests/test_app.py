@@ -502,3 +502,10 @@ def test_pages_with_image_project(monkeypatch, tmp_path):
     at.button(key="review_exclude").click().run()
     assert ReviewStore(project.reviews_path).counts()["exclude"] == 1
     assert not at.exception
+
+
+def test_loss_tokens_caption_reads_the_resolved_setting():
+    assert "prompt" in appstate.loss_tokens_caption({"loss_tokens": "prompt"})
+    assert "response" in appstate.loss_tokens_caption({"settings": {"loss_tokens": "response"}})
+    assert appstate.loss_tokens_caption({"loss_tokens": None}) is None
+    assert appstate.loss_tokens_caption({}) is None
