@@ -615,7 +615,7 @@ def fit_unet_lora(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             done += 1
             if progress is not None:
                 progress(done, total, "training")
