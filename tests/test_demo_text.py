@@ -119,3 +119,5 @@ def test_demo_train_settings_regimes() -> None:
     assert default.patience is not None and default.restore_best
     assert overfit.patience is None and not overfit.restore_best
     assert overfit.stop_at_train_accuracy is not None and overfit.seed == 3
+    # A higher rate than the default's (2e-3) never left chance level on the 2,000-sample demo.
+    assert overfit.lr <= default.lr

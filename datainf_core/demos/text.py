@@ -429,7 +429,7 @@ def demo_train_settings(*, seed: int = 0, overfit: bool = False) -> TrainSetting
     """Training settings of the demo: LoRA r=8 on query/value, early stopping, or fit the noise.
 
     The default regime stops when the validation loss has not improved for 3 epochs and keeps
-    the best epoch. ``overfit`` trains on with a higher learning rate until the training accuracy
+    the best epoch. ``overfit`` trains on (no early stopping) until the training accuracy
     on the labels as given (flipped ones included) reaches 90% (with 20% flipped, that is about
     half of the flipped labels fit), and keeps the last epoch.
     """
@@ -440,7 +440,9 @@ def demo_train_settings(*, seed: int = 0, overfit: bool = False) -> TrainSetting
             epochs=25,
             rank=8,
             alpha=16,
-            lr=2e-3,
+            # 2e-3 never left chance level at 2,000 samples (25 epochs, validation accuracy 0.462,
+            # a constant prediction); 1e-3 is the rate the default regime learns with.
+            lr=1e-3,
             batch_size=8,
             patience=None,
             seed=seed,
