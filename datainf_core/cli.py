@@ -191,6 +191,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         self_influence=not args.no_self_influence,
         train_loss=not args.no_train_loss,
         nproc=args.nproc,
+        projection_dim=args.projection_dim,
     )
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 reports
     bar = _Bar(not args.no_progress and rank == 0)
@@ -345,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="local processes for gradients and scores (torch.distributed); under torchrun "
         "its world size applies",
+    )
+    run.add_argument(
+        "--projection-dim",
+        type=int,
+        metavar="DIM",
+        help="store gradients randomly projected to DIM dimensions per block (e.g. 4096), for "
+        "stores too large to keep whole",
     )
     run.add_argument("--run-id", help=argparse.SUPPRESS)
     run.add_argument("--top", type=int, default=TOP_SUSPECTS, help="suspects to print")

@@ -38,6 +38,7 @@ from datainf_core.store import (
     _write_json_atomic,
     compute_shard,
     open_store_folder,
+    store_projection,
     verified_shards,
 )
 
@@ -258,6 +259,7 @@ def collect_gradients_to_store_distributed(
     method: str = "auto",
     progress: Any = None,
     group: Any = None,
+    projection_dim: int | None = None,
 ) -> GradientStore:
     """:func:`~datainf_core.store.collect_gradients_to_store` with the shards split over ranks.
 
@@ -269,7 +271,8 @@ def collect_gradients_to_store_distributed(
 
     Args:
         model, examples, store_dir, key, task, shard_size, include, batch_size, device,
-            diffusion, method: As in ``collect_gradients_to_store`` (identical on every rank).
+            diffusion, method, projection_dim: As in ``collect_gradients_to_store`` (identical
+            on every rank).
         progress: ``progress(done, total)`` in this rank's samples.
         group: Process group (default: the world).
 
@@ -286,7 +289,9 @@ def collect_gradients_to_store_distributed(
         shard_size=shard_size,
         include=include,
         diffusion=diffusion,
+        projection_dim=projection_dim,
     )
+    projection = store_projection(manifest, projection_dim)
     mine = range(count)[shard_range(count, rank, world)]
     kept = verified_shards(folder, manifest, mine)
     total = sum(min(len(examples), (i + 1) * shard_size) - i * shard_size for i in mine)
@@ -313,6 +318,7 @@ def collect_gradients_to_store_distributed(
             diffusion=diffusion,
             method=method,
             progress=shard_progress,
+            projection=projection,
         )
         done += int(kept[index]["stop"]) - int(kept[index]["start"])
     if progress is not None:

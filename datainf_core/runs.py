@@ -93,6 +93,9 @@ class RunSettings:
         train_loss: Add the per-sample training loss signal (``train_loss``).
         nproc: Local processes (``torch.distributed`` ranks) for gradients and scores; 1 runs
             in this process. Under torchrun the launcher's world size applies instead.
+        projection_dim: Store per-sample gradients randomly projected to this many dimensions
+            per block (blocks no wider are kept as they are); None keeps them whole. See
+            :mod:`datainf_core.projection` for the trade-off.
     """
 
     methods: list[str] = field(default_factory=lambda: ["datainf"])
@@ -103,6 +106,7 @@ class RunSettings:
     self_influence: bool = True
     train_loss: bool = True
     nproc: int = 1
+    projection_dim: int | None = None
 
     def validate(self) -> None:
         """Raises RunError naming the first bad setting and the fix."""
@@ -128,6 +132,15 @@ class RunSettings:
             )
         if self.nproc < 1:
             raise RunError(f"nproc must be at least 1, got {self.nproc}")
+        if self.projection_dim is not None and (
+            isinstance(self.projection_dim, bool)
+            or not isinstance(self.projection_dim, int)
+            or self.projection_dim < 1
+        ):
+            raise RunError(
+                f"projection_dim must be a positive integer, got {self.projection_dim!r}; "
+                "e.g. 4096, or leave it out to keep whole gradients"
+            )
         _check_device(self.device)
 
     @classmethod
@@ -432,6 +445,8 @@ def _collect(
         return gradients.collect_gradients(loaded.model, examples, **common)
     if SHARD_SIZE_ENV in os.environ:
         common["shard_size"] = _shard_size()
+    if settings.projection_dim is not None:
+        common["projection_dim"] = settings.projection_dim
     # The store keeps one subfolder per key hash below this folder (cache hit = no recompute).
     store_dir = project.gradients_dir / split
     if launch.rank_and_world()[1] > 1:

@@ -244,6 +244,7 @@ def collect_gradients_to_store(
     diffusion: Any = None,
     method: str = "auto",
     progress: Any = None,
+    projection_dim: int | None = None,
 ) -> GradientStore:
     """Collects per-sample gradients into an on-disk store, reusing or resuming a previous run.
 
@@ -261,6 +262,9 @@ def collect_gradients_to_store(
         shard_size: Samples per shard file.
         include, batch_size, device, diffusion, method: As in ``collect_gradients``.
         progress: Called as ``progress(done, total)`` in samples (cached shards count as done).
+        projection_dim: Store each block wider than this projected to this many dimensions
+            (:mod:`datainf_core.projection`, seed 0: train and query stores share the matrices);
+            None stores the gradients as they are.
 
     Returns:
         The complete :class:`GradientStore`.
@@ -277,7 +281,9 @@ def collect_gradients_to_store(
         shard_size=shard_size,
         include=include,
         diffusion=diffusion,
+        projection_dim=projection_dim,
     )
+    projection = store_projection(manifest, projection_dim)
     n = len(examples)
     # 1. Keep the shards whose file is present and matches its checksum.
     kept = verified_shards(folder, manifest, range(count))
@@ -313,6 +319,7 @@ def collect_gradients_to_store(
             diffusion=diffusion,
             method=method,
             progress=shard_progress,
+            projection=projection,
         )
         manifest["shards"] = [kept[i] for i in sorted(kept)]
         manifest["complete"] = len(kept) == count
@@ -338,6 +345,7 @@ def open_store_folder(
     shard_size: int = 256,
     include: Sequence[str] | None = None,
     diffusion: Any = None,
+    projection_dim: int | None = None,
 ) -> tuple[Path, dict[str, Any], int]:
     """The store folder for these inputs, its manifest (read, or a fresh empty one) and shard count.
 
@@ -351,9 +359,17 @@ def open_store_folder(
 
     if not isinstance(shard_size, int) or shard_size < 1:
         raise StoreError(f"shard_size should be a positive integer, got {shard_size!r}; pass 256")
+    if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
+        raise StoreError(
+            f"projection_dim should be a positive integer, got {projection_dim!r}; e.g. 4096"
+        )
     n = len(examples)
     params = adapter_parameters(model, include)
-    blocks = {name: int(p.numel()) for name, p in params.items()}
+    raw_blocks = {name: int(p.numel()) for name, p in params.items()}
+    blocks = {name: min(d, projection_dim or d) for name, d in raw_blocks.items()}
+    projection = None
+    if projection_dim is not None:
+        projection = {"dim": projection_dim, "seed": 0, "blocks": raw_blocks}
     full_key = {
         "key": {str(k): str(v) for k, v in key.items()},
         "task": task,
@@ -364,6 +380,8 @@ def open_store_folder(
         "n": n,
         "shard_size": shard_size,
     }
+    if projection is not None:  # absent otherwise, so stores written before keep their hash
+        full_key["projection"] = projection
     digest = key_hash(full_key)
     folder = Path(store_dir) / digest[:20]
     try:
@@ -385,10 +403,21 @@ def open_store_folder(
             "blocks": blocks,
             "examples": full_key["examples"],
             "diffusion": full_key["diffusion"],
+            "projection": projection,
             "shards": [],
             "complete": False,
         }
     return folder, manifest, (n + shard_size - 1) // shard_size
+
+
+def store_projection(manifest: Mapping[str, Any], projection_dim: int | None) -> Any:
+    """The random projection a store's manifest asks for (None for an unprojected store)."""
+    if projection_dim is None or not manifest.get("projection"):
+        return None
+    from datainf_core.projection import make_projection
+
+    spec = manifest["projection"]
+    return make_projection(spec["blocks"], dim=int(spec["dim"]), seed=int(spec["seed"]))
 
 
 def verified_shards(
@@ -415,11 +444,14 @@ def compute_shard(
     *,
     shard_size: int,
     task: str,
+    projection: Any = None,
     **collect: Any,
 ) -> dict[str, Any]:
     """Collects and writes shard ``index`` (rows ``index * shard_size`` on); its manifest entry.
 
     Args:
+        projection: A :class:`~datainf_core.projection.GradientProjection` applied before
+            writing (:func:`store_projection`), or None.
         collect: ``include``, ``batch_size``, ``device``, ``diffusion``, ``method`` and
             ``progress`` of ``collect_gradients_and_losses``.
     """
@@ -427,6 +459,8 @@ def compute_shard(
 
     start, stop = index * shard_size, min(len(examples), (index + 1) * shard_size)
     grads, losses = collect_gradients_and_losses(model, examples[start:stop], task=task, **collect)
+    if projection is not None:
+        grads = projection.apply(grads)
     return _write_shard(folder, index, start, stop, grads, losses)
 
 

@@ -164,3 +164,41 @@ def test_missing_rank_times_out_with_one_line_error(project: Project, monkeypatc
     err = capsys.readouterr().err.strip()
     assert code == cli.EXIT_USER_ERROR
     assert len(err.splitlines()) == 1 and "rank 0 of 2 could not join" in err, err
+
+
+def test_projected_store_holds_the_projected_gradients(project: Project, reference) -> None:
+    """--projection-dim: the store keeps P_b g per block (same P for train and validation)."""
+    from datainf_core.projection import make_projection
+
+    dim = 8
+    settings = runs.RunSettings(**SETTINGS, projection_dim=dim)
+    run_id = runs.execute_run(project, settings).name
+    projected = {
+        split: store
+        for split, store in _stores_with(project, lambda s: s.manifest.get("projection")).items()
+    }
+    for split, store in projected.items():
+        whole = reference["grads"][split]
+        expected = make_projection(whole, dim=dim).apply(whole)
+        got = store.to_dict()
+        assert {name: t.shape[1] for name, t in got.items() if name != "__loss__"} == {
+            name: min(dim, t.shape[1]) for name, t in whole.items()
+        }
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    assert np.isfinite(_signals(project, run_id)["datainf"]).all()
+    with pytest.raises(runs.RunError, match="projection_dim must be a positive integer"):
+        runs.RunSettings(projection_dim=0).validate()
+    shutil.rmtree(project.gradients_dir)
+
+
+def _stores_with(project: Project, keep) -> dict[str, GradientStore]:
+    """Split → the store of the project's gradients folder that ``keep`` accepts."""
+    out = {}
+    for split in ("train", "validation"):
+        for folder in (project.gradients_dir / split).iterdir():
+            store = GradientStore.open(folder)
+            if keep(store):
+                out[split] = store
+    assert set(out) == {"train", "validation"}
+    return out
