@@ -802,6 +802,8 @@ def settings_to_argv(settings: RunSettings) -> list[str]:
         argv.append("--no-train-loss")
     if settings.nproc != 1:
         argv += ["--nproc", str(settings.nproc)]
+    if settings.projection_dim is not None:
+        argv += ["--projection-dim", str(settings.projection_dim)]
     return argv
 
 

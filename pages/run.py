@@ -66,6 +66,19 @@ with st.form("run_settings"):
             key="run_loss_tokens",
             help="; ".join(f"{k}: {v}" for k, v in appstate.LOSS_TOKENS_MEANING.items()),
         )
+    e1, e2, _ = st.columns(3)
+    nproc = e1.number_input(
+        "Processes", min_value=1, max_value=64, value=1, step=1, key="run_nproc",
+        help="torch.distributed ranks for gradients and scores (one GPU each when there are "
+        "GPUs); each rank loads the model, so this pays off only for large runs",
+    )  # fmt: skip
+    projection = e2.number_input(
+        "Projected dimensions (0 = whole gradients)", min_value=0, value=0, step=1024,
+        key="run_projection",
+        help="Store each adapter block's gradients randomly projected to this many dimensions "
+        "(e.g. 4096) when the gradient store would be too large; scores then approximate the "
+        "unprojected ones",
+    )  # fmt: skip
     start = st.form_submit_button("Start run", type="primary")
 
 if start:
@@ -81,6 +94,8 @@ if start:
             loss_tokens=loss_tokens,
             self_influence=self_influence,
             train_loss=train_loss,
+            nproc=int(nproc),
+            projection_dim=int(projection) or None,
         )
         run_id = runs.start_run_process(project, settings)
     except DataInfError as exc:

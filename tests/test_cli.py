@@ -201,3 +201,20 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: project folder not found")
     assert "Traceback" not in done.stderr
+
+
+def test_run_settings_survive_the_worker_command_line() -> None:
+    """The app starts runs as `datainf run ...`: every setting must reach the worker."""
+    from datainf_core import runs
+
+    settings = runs.RunSettings(
+        methods=["datainf", "lissa_cosine"], per_query=True, damping=0.25, device="cpu",
+        loss_tokens="prompt", self_influence=False, train_loss=False, nproc=2, projection_dim=512,
+    )  # fmt: skip
+    args = cli.build_parser().parse_args(["run", "DIR", *runs.settings_to_argv(settings)])
+    again = runs.RunSettings(
+        methods=args.method, per_query=args.per_query, damping=args.damping, device=args.device,
+        loss_tokens=args.loss_tokens, self_influence=not args.no_self_influence,
+        train_loss=not args.no_train_loss, nproc=args.nproc, projection_dim=args.projection_dim,
+    )  # fmt: skip
+    assert again == settings
