@@ -177,12 +177,11 @@ def _print_suspects(project: Any, signals: Any, count: int = TOP_SUSPECTS) -> No
         print(f"  {index:>6}  {row['combined']:.3f}  {shown}{text}")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def run_settings(args: argparse.Namespace) -> Any:
+    """The :class:`~datainf_core.runs.RunSettings` of parsed ``datainf run`` options."""
     from datainf_core import runs
-    from datainf_core.project import load_project
 
-    project = load_project(args.dir)
-    settings = runs.RunSettings(
+    return runs.RunSettings(
         methods=args.method or ["datainf"],
         per_query=args.per_query,
         damping=args.damping,
@@ -193,6 +192,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         nproc=args.nproc,
         projection_dim=args.projection_dim,
     )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from datainf_core import runs
+    from datainf_core.project import load_project
+
+    project = load_project(args.dir)
+    settings = run_settings(args)
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 reports
     bar = _Bar(not args.no_progress and rank == 0)
     started = time.perf_counter()

@@ -212,9 +212,5 @@ def test_run_settings_survive_the_worker_command_line() -> None:
         loss_tokens="prompt", self_influence=False, train_loss=False, nproc=2, projection_dim=512,
     )  # fmt: skip
     args = cli.build_parser().parse_args(["run", "DIR", *runs.settings_to_argv(settings)])
-    again = runs.RunSettings(
-        methods=args.method, per_query=args.per_query, damping=args.damping, device=args.device,
-        loss_tokens=args.loss_tokens, self_influence=not args.no_self_influence,
-        train_loss=not args.no_train_loss, nproc=args.nproc, projection_dim=args.projection_dim,
-    )  # fmt: skip
+    again = cli.run_settings(args)
     assert again == settings
