@@ -587,9 +587,21 @@ def load_results(results_dir: Path) -> dict[str, Any]:
     return results
 
 
-def _status_line(outcome: Mapping[str, Any] | None) -> str:
+def _status_line(outcome: Mapping[str, Any] | None, written: str | None = None) -> str:
     if not outcome:
         return "*Not run by run_all in this report; result file read as found.*"
+    later = (
+        written is not None
+        and outcome.get("status") != "ok"
+        and written > str(outcome.get("result_time") or "")
+    )
+    if later:  # the script was run on its own (a longer budget) after run_all's attempt
+        return (
+            f"*Result written by a standalone run of the script at {written} (run_all's last "
+            f"attempt, with its shorter budget: {outcome.get('status', 'unknown')}"
+            + (f", `{outcome['command']}`" if outcome.get("command") else "")
+            + ").*"
+        )
     status = outcome.get("status", "unknown")
     seconds = outcome.get("seconds") or []
     timing = ", ".join(f"{s:.0f} s" for s in seconds)
@@ -623,6 +635,7 @@ def build_report(
     plot_note: str = "",
     report_dir: Path | None = None,
     command: str = ".venv/bin/python bench/run_all.py",
+    written: Mapping[str, str] | None = None,
 ) -> str:
     """The BENCHMARKS.md text.
 
@@ -635,6 +648,7 @@ def build_report(
         plot_note: How the plots were made (or why there are none).
         report_dir: Folder of BENCHMARKS.md, for relative links.
         command: The command that produced the report.
+        written: Benchmark name → when its result file was written (``%Y-%m-%d %H:%M UTC``).
     """
     outcomes = outcomes or {}
     plots = dict(plots or {})
@@ -681,7 +695,8 @@ def build_report(
             else:
                 lines += ["*No result: the benchmark was not run or wrote no JSON.*", ""]
             continue
-        lines += [_status_line(outcome), "", f"Source: `bench/results/{name}.json`.", ""]
+        when = (written or {}).get(name)
+        lines += [_status_line(outcome, when), "", f"Source: `bench/results/{name}.json`.", ""]
         for block in render_json(data, heading_level=3):
             lines += [block, ""]
         for stem, path in plots.items():
@@ -730,6 +745,12 @@ def write_report(
         plots=plots,
         plot_note=note,
         report_dir=out_path.parent,
+        written={
+            path.stem: dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).strftime(
+                "%Y-%m-%d %H:%M UTC"
+            )
+            for path in results_dir.glob("*.json")
+        },
     )
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_text(text)
