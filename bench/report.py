@@ -590,15 +590,14 @@ def load_results(results_dir: Path) -> dict[str, Any]:
 def _status_line(outcome: Mapping[str, Any] | None, written: str | None = None) -> str:
     if not outcome:
         return "*Not run by run_all in this report; result file read as found.*"
-    later = (
-        written is not None
-        and outcome.get("status") != "ok"
-        and written > str(outcome.get("result_time") or "")
-    )
-    if later:  # the script was run on its own (a longer budget) after run_all's attempt
+    if written is not None and (
+        written.endswith("*")  # newer than run_all's record
+        or (outcome.get("status") != "ok" and written > str(outcome.get("result_time") or ""))
+    ):  # run on its own (e.g. with a longer budget) after run_all's attempt
+        written = written.rstrip("*")
         return (
-            f"*Result written by a standalone run of the script at {written} (run_all's last "
-            f"attempt, with its shorter budget: {outcome.get('status', 'unknown')}"
+            f"*Result written by a standalone run of the script at {written}, after run_all's "
+            f"attempt recorded in run_all.json ({outcome.get('status', 'unknown')}"
             + (f", `{outcome['command']}`" if outcome.get("command") else "")
             + ").*"
         )
@@ -648,7 +647,8 @@ def build_report(
         plot_note: How the plots were made (or why there are none).
         report_dir: Folder of BENCHMARKS.md, for relative links.
         command: The command that produced the report.
-        written: Benchmark name → when its result file was written (``%Y-%m-%d %H:%M UTC``).
+        written: Benchmark name → when its result file was written (``%Y-%m-%d %H:%M UTC``),
+            for results written after run_all's record (standalone runs of a script).
     """
     outcomes = outcomes or {}
     plots = dict(plots or {})
@@ -706,6 +706,19 @@ def build_report(
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _written_after_record(results_dir: Path, slack_s: float = 30.0) -> dict[str, str]:
+    """Benchmark name → when its result file was written; ``*`` marks files newer than
+    run_all's record (bench/results/run_all.json)."""
+    record = results_dir / "run_all.json"
+    since = record.stat().st_mtime + slack_s if record.exists() else float("inf")
+    out = {}
+    for path in results_dir.glob("*.json"):
+        mtime = path.stat().st_mtime
+        stamp = dt.datetime.fromtimestamp(mtime, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        out[path.stem] = stamp + ("*" if mtime > since else "")
+    return out
+
+
 def write_report(
     results_dir: Path,
     out_path: Path,
@@ -745,12 +758,7 @@ def write_report(
         plots=plots,
         plot_note=note,
         report_dir=out_path.parent,
-        written={
-            path.stem: dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).strftime(
-                "%Y-%m-%d %H:%M UTC"
-            )
-            for path in results_dir.glob("*.json")
-        },
+        written=_written_after_record(results_dir),
     )
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_text(text)
