@@ -40,9 +40,11 @@ STATUS_NAMES: dict[str, str] = {
     "needs_review": "Needs review",
 }
 # Keyboard shortcuts of the Review page: key → button key on the page.
+# Not "r" or "c": Streamlit itself reruns the app on R and clears caches on C, and a rerun that
+# races a shortcut's button click replays the click (one key press, two decisions).
 REVIEW_KEYS: dict[str, str] = {
     "k": "review_keep",
-    "r": "review_relabel",
+    "l": "review_relabel",
     "x": "review_exclude",
     "q": "review_needs_review",
     "n": "review_next",
@@ -52,7 +54,7 @@ REVIEW_KEYS: dict[str, str] = {
 }
 REVIEW_KEY_HELP: dict[str, str] = {
     "k": "keep",
-    "r": "relabel (to the label shown)",
+    "l": "relabel (to the label shown)",
     "x": "exclude",
     "q": "needs review (queue for later)",
     "n": "next sample",
@@ -795,6 +797,7 @@ def shortcut_script(keys: Mapping[str, str], *, scope: str = "datainf-review") -
     const button = doc.querySelector('.st-key-' + widget + ' button');
     if (!button || button.disabled) return;
     event.preventDefault();
+    event.stopPropagation();  // the key is ours: no other page handler acts on it too
     button.click();
   }};
   window.parent[name] = handler;

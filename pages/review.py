@@ -250,7 +250,7 @@ with right:
                     on_click=decide, args=([cursor], "keep"))  # fmt: skip
         a[1].button("Exclude (X)", key="review_exclude", icon=":material/block:", width="stretch",
                     on_click=decide, args=([cursor], "exclude"))  # fmt: skip
-        a[0].button("Relabel (R)", key="review_relabel",
+        a[0].button("Relabel (L)", key="review_relabel",
                     icon=":material/edit:", width="stretch", disabled=not labels,
                     on_click=decide, args=([cursor], "relabel", relabel_to))  # fmt: skip
         a[1].button("Needs review (Q)", key="review_needs_review", icon=":material/flag:",

@@ -174,6 +174,8 @@ def test_shortcut_script_maps_every_key():
         assert f'"{key}": "{widget}"' in script
     assert set(appstate.REVIEW_KEYS) == set(appstate.REVIEW_KEY_HELP)
     assert "isContentEditable" in script  # typing in fields is left alone
+    # Streamlit's own shortcuts (R reruns, C clears caches) would race ours.
+    assert not {"r", "c"} & set(appstate.REVIEW_KEYS)
 
 
 def test_top_influences_and_search():

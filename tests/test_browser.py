@@ -187,7 +187,7 @@ def test_end_to_end(server, page, tmp_path):
     _open(page, f"{base}/review")
     first = _cursor(page)
     page.get_by_role("heading", name="Review suspected mislabels").click()  # focus the page
-    page.keyboard.press("r")
+    page.keyboard.press("l")
     _settle(page)
     second = _cursor(page)
     assert second != first
