@@ -117,9 +117,9 @@ order = shown["train_index"].tolist()
 def _first_action_since_render() -> bool:
     """True once per fully rendered page: later calls are replays, and are ignored.
 
-    Under load, Streamlit can interrupt a rerun that a click started and replay the click's trigger
-    on the next run, with the arguments the interrupted run had already registered (the *next*
-    sample). Acting only on the page the user last saw whole keeps one click one decision.
+    A rerun that races a click (a second key press before the page is back, or a rerun from
+    elsewhere) can replay the click's trigger with the arguments already registered for the
+    *next* sample. Acting only on the page the user last saw whole keeps one click one decision.
     """
     if st.session_state.get("review_acted"):
         return False
