@@ -36,7 +36,7 @@ from datainf_core.store import (
     MANIFEST,
     GradientStore,
     _write_json_atomic,
-    compute_shard,
+    compute_missing_shards,
     open_store_folder,
     store_projection,
     verified_shards,
@@ -295,32 +295,12 @@ def collect_gradients_to_store_distributed(
     mine = range(count)[shard_range(count, rank, world)]
     kept = verified_shards(folder, manifest, mine)
     total = sum(min(len(examples), (i + 1) * shard_size) - i * shard_size for i in mine)
-    done = sum(int(s["stop"]) - int(s["start"]) for s in kept.values())
     began = time.perf_counter()
-    for index in mine:
-        if index in kept:
-            continue
-
-        def shard_progress(rows: int, _total: int, offset: int = done) -> None:
-            if progress is not None:
-                progress(offset + rows, total)
-
-        kept[index] = compute_shard(
-            model,
-            examples,
-            folder,
-            index,
-            shard_size=shard_size,
-            task=task,
-            include=include,
-            batch_size=batch_size,
-            device=device,
-            diffusion=diffusion,
-            method=method,
-            progress=shard_progress,
-            projection=projection,
-        )
-        done += int(kept[index]["stop"]) - int(kept[index]["start"])
+    compute_missing_shards(
+        model, examples, folder, mine, kept, shard_size=shard_size, task=task,
+        progress=progress, include=include, batch_size=batch_size, device=device,
+        diffusion=diffusion, method=method, projection=projection,
+    )  # fmt: skip
     if progress is not None:
         progress(total, total)
     logger.info(

@@ -297,34 +297,17 @@ def collect_gradients_to_store(
     _write_json_atomic(folder / MANIFEST, manifest)
     # 2. Compute the missing shards in order, recording each one once its file is on disk.
     began = time.perf_counter()
-    done = sum(int(s["stop"]) - int(s["start"]) for s in kept.values())
-    for index in range(count):
-        if index in kept:
-            continue
 
-        def shard_progress(rows: int, _total: int, offset: int = done) -> None:
-            if progress is not None:
-                progress(offset + rows, n)
-
-        kept[index] = compute_shard(
-            model,
-            examples,
-            folder,
-            index,
-            shard_size=shard_size,
-            task=task,
-            include=include,
-            batch_size=batch_size,
-            device=device,
-            diffusion=diffusion,
-            method=method,
-            progress=shard_progress,
-            projection=projection,
-        )
+    def record(index: int) -> None:
         manifest["shards"] = [kept[i] for i in sorted(kept)]
         manifest["complete"] = len(kept) == count
         _write_json_atomic(folder / MANIFEST, manifest)
-        done += int(kept[index]["stop"]) - int(kept[index]["start"])
+
+    compute_missing_shards(
+        model, examples, folder, range(count), kept, shard_size=shard_size, task=task,
+        progress=progress, on_shard=record, include=include, batch_size=batch_size,
+        device=device, diffusion=diffusion, method=method, projection=projection,
+    )  # fmt: skip
     logger.info(
         "Gradient store %s written (%d samples, %d shards) in %.2f seconds",
         folder,
@@ -462,6 +445,50 @@ def compute_shard(
     if projection is not None:
         grads = projection.apply(grads)
     return _write_shard(folder, index, start, stop, grads, losses)
+
+
+def compute_missing_shards(
+    model: nn.Module,
+    examples: Sequence[dict[str, Any]],
+    folder: Path,
+    indices: Sequence[int],
+    kept: dict[int, dict[str, Any]],
+    *,
+    shard_size: int,
+    task: str,
+    progress: Any = None,
+    on_shard: Any = None,
+    **collect: Any,
+) -> dict[int, dict[str, Any]]:
+    """Computes the shards of ``indices`` not in ``kept``, in order; adds their entries to it.
+
+    Args:
+        kept: Shard index → manifest entry of the shards already on disk (updated in place).
+        progress: ``progress(done, total)`` in samples of ``indices`` (kept shards count as done).
+        on_shard: Called with the index of each shard once its file is on disk.
+        collect: The other arguments of :func:`compute_shard`.
+
+    Returns:
+        ``kept``.
+    """
+    total = sum(min(len(examples), (i + 1) * shard_size) - i * shard_size for i in indices)
+    done = sum(int(kept[i]["stop"]) - int(kept[i]["start"]) for i in indices if i in kept)
+    for index in indices:
+        if index in kept:
+            continue
+
+        def shard_progress(rows: int, _total: int, offset: int = done) -> None:
+            if progress is not None:
+                progress(offset + rows, total)
+
+        kept[index] = compute_shard(
+            model, examples, folder, index, shard_size=shard_size, task=task,
+            progress=shard_progress, **collect,
+        )  # fmt: skip
+        if on_shard is not None:
+            on_shard(index)
+        done += int(kept[index]["stop"]) - int(kept[index]["start"])
+    return kept
 
 
 def _write_shard(
