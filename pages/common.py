@@ -292,6 +292,11 @@ def pick_run(project: Any, *, key: str) -> str | None:
     return run_id
 
 
+def image_folder(split_path: Path) -> Path:
+    """Where a split's relative image paths start: its imagefolder, or its table's folder."""
+    return split_path if split_path.is_dir() else split_path.parent
+
+
 def show_image(
     path: Any, *, caption: str | None = None, width: int = 160, base: Path | None = None
 ) -> None:

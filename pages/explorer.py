@@ -12,6 +12,7 @@ from datainf_core import appstate
 from datainf_core.review import ReviewStore
 from pages.common import (
     ensure_app_ran,
+    image_folder,
     load_split,
     pick_run,
     require_project,
@@ -45,10 +46,8 @@ k = top[2].slider("How many of each", 3, 20, 5, key="explorer_k")
 label_col = project.data.label_column if project.task == "classification" else None
 content = appstate.text_columns(project)
 image_base = {
-    "train": project.train_path if project.train_path.is_dir() else project.train_path.parent,
-    "validation": project.validation_path
-    if project.validation_path.is_dir()
-    else project.validation_path.parent,
+    "train": image_folder(project.train_path),
+    "validation": image_folder(project.validation_path),
 }
 decided = ReviewStore(project.reviews_path).current().set_index("train_index")
 image_col = project.data.image_column if project.task == "text-to-image" else None

@@ -12,6 +12,7 @@ from datainf_core.review import ReviewStore
 from pages.common import (
     ensure_app_ran,
     finished_runs,
+    image_folder,
     load_split,
     predicted_labels,
     require_project,
@@ -31,7 +32,7 @@ store = ReviewStore(project.reviews_path)
 label_col = project.data.label_column if project.task == "classification" else None
 labels = project.data.labels if label_col else None
 content = appstate.text_columns(project)
-image_base = project.train_path if project.train_path.is_dir() else project.train_path.parent
+image_base = image_folder(project.train_path)
 
 # ---- ranking signal --------------------------------------------------------------------------
 runs_done = finished_runs(project)
