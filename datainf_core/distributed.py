@@ -291,7 +291,7 @@ def collect_gradients_to_store_distributed(
         diffusion=diffusion,
         projection_dim=projection_dim,
     )
-    projection = store_projection(manifest, projection_dim)
+    projection = store_projection(manifest)
     mine = range(count)[shard_range(count, rank, world)]
     kept = verified_shards(folder, manifest, mine)
     total = sum(min(len(examples), (i + 1) * shard_size) - i * shard_size for i in mine)

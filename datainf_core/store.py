@@ -283,7 +283,7 @@ def collect_gradients_to_store(
         diffusion=diffusion,
         projection_dim=projection_dim,
     )
-    projection = store_projection(manifest, projection_dim)
+    projection = store_projection(manifest)
     n = len(examples)
     # 1. Keep the shards whose file is present and matches its checksum.
     kept = verified_shards(folder, manifest, range(count))
@@ -393,9 +393,9 @@ def open_store_folder(
     return folder, manifest, (n + shard_size - 1) // shard_size
 
 
-def store_projection(manifest: Mapping[str, Any], projection_dim: int | None) -> Any:
+def store_projection(manifest: Mapping[str, Any]) -> Any:
     """The random projection a store's manifest asks for (None for an unprojected store)."""
-    if projection_dim is None or not manifest.get("projection"):
+    if not manifest.get("projection"):
         return None
     from datainf_core.projection import make_projection
 
