@@ -42,6 +42,7 @@ from torch import nn
 from datainf_core.batching import IGNORE_INDEX, collate_examples
 from datainf_core.device import resolve_device
 from datainf_core.errors import DataInfError, ModelError
+from datainf_core.models import causal_lm_logits
 
 logger = logging.getLogger(__name__)
 
@@ -204,15 +205,17 @@ def _text_loss_terms(
     input_ids = batch["input_ids"].to(device)  # batch_size x T
     attention_mask = batch["attention_mask"].to(device)  # batch_size x T
     labels = batch["labels"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logits = logits.to(_compute_dtype(logits.dtype))  # float32 at least, float64 stays
     if task == "classification":
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits.to(_compute_dtype(logits.dtype))  # float32 at least, float64 stays
         # logits: batch_size x num_labels, labels: batch_size
         yield F.cross_entropy(logits, labels, reduction="none")
         return
-    # Causal LM: token t predicts label t + 1.
-    shift_logits = logits[:, :-1, :]  # batch_size x (T-1) x vocab
-    shift_labels = labels[:, 1:]  # batch_size x (T-1)
+    # Causal LM: position t predicts token t + 1; only positions with a target get logits.
+    shift_logits, shift_labels = causal_lm_logits(
+        model, input_ids, attention_mask, labels, ignore_index=IGNORE_INDEX
+    )  # batch_size x K x vocab, batch_size x K
+    shift_logits = shift_logits.to(_compute_dtype(shift_logits.dtype))
     token_loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),  # (batch_size * (T-1)) x vocab
         shift_labels.reshape(-1),

@@ -369,3 +369,57 @@ def load_adapted_model(
         time.perf_counter() - started,
     )
     return model
+
+
+# ---- causal LM logits where the loss needs them ---------------------------------------------------
+_KEEPS_LOGITS: dict[type, bool] = {}
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward takes ``logits_to_keep`` (transformers ≥ 4.50)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = type(inner)
+    if kind not in _KEEPS_LOGITS:
+        try:
+            _KEEPS_LOGITS[kind] = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        except (TypeError, ValueError):
+            _KEEPS_LOGITS[kind] = False
+    return _KEEPS_LOGITS[kind]
+
+
+def causal_lm_logits(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits at the positions whose target counts, and those targets.
+
+    Position ``t`` predicts token ``t + 1``. Only positions where some row of the batch has a
+    target go through the output layer (``logits_to_keep``): with the loss on the response, most
+    of a prompt's positions skip the vocabulary-sized product. Models without ``logits_to_keep``
+    get every position.
+
+    Args:
+        model: A causal LM (PEFT-wrapped or not).
+        input_ids: ``batch x T`` token ids.
+        attention_mask: ``batch x T``.
+        labels: ``batch x T`` targets, ``ignore_index`` where the loss does not count.
+
+    Returns:
+        ``(logits, targets)``: ``batch x K x vocab`` and ``batch x K`` with ``K <= T - 1``; the
+        per-token cross-entropy over them (``ignore_index`` ignored) equals the full one's.
+    """
+    targets = labels[:, 1:]  # batch x (T-1)
+    used = (targets != ignore_index).any(dim=0).nonzero().squeeze(1)  # K positions
+    if used.numel() < targets.shape[1] and _accepts_logits_to_keep(model):
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=used
+        ).logits  # batch x K x vocab
+        return logits, targets[:, used]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[:, :-1, :], targets

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from datainf_core.batching import IGNORE_INDEX, collate_examples
 from datainf_core.device import resolve_device
 from datainf_core.errors import DataInfError, ModelError
+from datainf_core.models import causal_lm_logits
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -189,6 +191,18 @@ def _batch_stats(
     model: nn.Module, batch: dict[str, torch.Tensor], task: str
 ) -> tuple[torch.Tensor, int, int]:
     """Mean loss of a batch, and (correct, counted) predictions for classification."""
+    if task == "generation":
+        # Mean over the tokens with a target, as transformers computes it, with logits only
+        # where a target is (most prompt positions skip the vocabulary-sized output layer).
+        logits, targets = causal_lm_logits(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        )
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+        return loss, 0, 0
     output = model(**batch)
     if task != "classification":
         return output.loss, 0, 0

@@ -269,6 +269,20 @@ def test_classifier_batched_equals_loop(seed, dtype):
     assert any("modules_to_save" in name for name in grads)  # the classifier head is a block
 
 
+def test_causal_lm_long_masked_prompts_equal_loop():
+    """Every prompt masked for 3+ tokens: the output layer skips those positions (logits_to_keep)."""
+    model = tiny_causal_lm(1)
+    examples = generation_examples(7, seed=5)
+    for example in examples:
+        example["labels"][:3] = -100
+    grads, losses = collect_gradients_and_losses(
+        model, examples, task="generation", batch_size=3, device="cpu"
+    )
+    expected, expected_losses = reference_gradients(model, examples, "generation")
+    assert_same_gradients(grads, expected)
+    torch.testing.assert_close(losses.double(), expected_losses.double(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_causal_lm_padded_mixed_lengths_equals_loop(dtype):
     model = _as_dtype(tiny_causal_lm(0), dtype)

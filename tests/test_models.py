@@ -61,6 +61,39 @@ def test_load_adapted_causal_lm(gen_project: Project) -> None:
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 
+def test_causal_lm_logits_only_where_targets_are(gen_project: Project) -> None:
+    """Logits at the kept positions equal the full forward's, and so does the loss."""
+    model = models.load_adapted_model(gen_project, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 15, (3, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0  # a right-padded row
+    labels = ids.clone()
+    labels[:, :6] = -100  # the prompt of every row
+    labels[1, 6:8] = -100
+    labels[2, 9:] = -100
+    logits, targets = models.causal_lm_logits(model, ids, mask, labels)
+    full = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    assert logits.shape == (3, 6, 15)  # positions 5..10 predict tokens 6..11
+    torch.testing.assert_close(logits, full[:, 5:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(targets, labels[:, 6:])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    expected = torch.nn.functional.cross_entropy(full.flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+    class NoKeep(torch.nn.Module):  # a model whose forward has no logits_to_keep
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    logits, targets = models.causal_lm_logits(NoKeep(model), ids, mask, labels)
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(targets, labels[:, 1:])
+
+
 def test_safe_defaults_are_passed(cls_project: Project, monkeypatch) -> None:
     import transformers
 
