@@ -52,21 +52,27 @@ log = logging.getLogger("bench_text_demo")
 
 def candidate_rankings(signals: pd.DataFrame) -> dict[str, pd.Series]:
     """Combinations compared while choosing ``combined_ranking`` (plus the one in use)."""
-    influence = [c for c in signals.columns if c in METHODS or c.endswith("_cosine")]
     everything = [c for c in evaluate.signal_columns(signals) if c != "combined"]
-    out = {"combined (in use)": evaluate.combined_ranking(signals)}
+    others = [c for c in everything if c != "train_loss"]
+    out = {"combined (in use: spectral weights)": evaluate.combined_ranking(signals)}
     out["rank mean: all signals"] = evaluate.combined_ranking(
         signals, weights=dict.fromkeys(everything, 1.0)
     )
-    out["rank mean: train_loss + influence"] = evaluate.combined_ranking(
-        signals, weights=dict.fromkeys(["train_loss", *influence], 1.0)
+    if "train_loss" in everything and others:
+        # The previous default: half the weight on the training loss, the rest shared.
+        half = {"train_loss": 0.5, **dict.fromkeys(others, 0.5 / len(others))}
+        out["fixed: train_loss half, others share"] = evaluate.combined_ranking(
+            signals, weights=half
+        )
+    weights = evaluate.spectral_weights(signals)
+    top = max(weights, key=lambda name: abs(weights[name]))
+    out[f"the one signal with the largest weight ({top})"] = evaluate.combined_ranking(
+        signals, weights={top: weights[top]}
     )
-    out["rank mean: train_loss + datainf"] = evaluate.combined_ranking(
-        signals, weights={"train_loss": 1.0, "datainf": 1.0}
-    )
-    out["rank mean: train_loss + self_influence"] = evaluate.combined_ranking(
-        signals, weights={"train_loss": 1.0, "self_influence": 1.0}
-    )
+    if "train_loss" in everything and "self_influence" in everything:
+        out["rank mean: train_loss + self_influence"] = evaluate.combined_ranking(
+            signals, weights={"train_loss": 1.0, "self_influence": 1.0}
+        )
     return out
 
 
@@ -132,10 +138,11 @@ def detection_table(signals: pd.DataFrame, truth: np.ndarray) -> dict[str, Any]:
         for name, values in candidate_rankings(signals).items()
     }
     best = max(singles, key=lambda name: singles[name])
-    combined = combos["combined (in use)"]
+    combined = combos["combined (in use: spectral weights)"]
     return {
         "single": singles,
         "combinations": combos,
+        "spectral_weights": {k: round(v, 4) for k, v in evaluate.spectral_weights(signals).items()},
         "best_single": best,
         "best_single_auc": singles[best],
         "combined_auc": combined,

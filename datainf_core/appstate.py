@@ -92,10 +92,46 @@ def loss_tokens_caption(settings: Mapping[str, Any]) -> str | None:
 
 
 SIGNAL_HELP: dict[str, str] = {
-    "combined": "weighted average of the percentile ranks of all signals (the default ranking)",
+    "combined": "weighted average of the percentile ranks of all signals, weighted (and reversed "
+    "where a signal ranks upside down) by their agreement, estimated without the truth; the "
+    "default ranking",
     "self_influence": "how strongly a sample influences its own loss (high = unusual or mislabelled)",
     "train_loss": "the adapted model's loss on the sample with its given label",
 }
+
+
+WEIGHTS_EXPLANATION = (
+    "Each bar is the share a signal has in the *combined* ranking: how strongly it agrees with "
+    "the other signals, which estimates its AUC − ½ when signals err independently. A red bar is "
+    "used reversed: that signal agrees with the others upside down, as DataInf and Hessian-free "
+    "do once a model has memorised its flipped labels. Signals that rank almost identically "
+    "(rank correlation above 0.95) count as one and share their weight."
+)
+
+
+def weights_table(
+    weights: Mapping[str, float], detection_auc: Mapping[str, float] | None = None
+) -> pd.DataFrame:
+    """The combined ranking's weights for display, largest share first.
+
+    Args:
+        weights: Signal → signed weight (``evaluation.json``'s ``combined_weights``).
+        detection_auc: Signal → measured AUC, when the truth is known (adds a column).
+
+    Returns:
+        Columns ``signal``, ``weight`` (magnitude), ``use`` ("as is" / "reversed") and, with
+        ``detection_auc``, ``measured AUC``.
+    """
+    table = pd.DataFrame(
+        {
+            "signal": list(weights),
+            "weight": [abs(float(w)) for w in weights.values()],
+            "use": ["reversed" if float(w) < 0 else "as is" for w in weights.values()],
+        }
+    )
+    if detection_auc:
+        table["measured AUC"] = [detection_auc.get(name, float("nan")) for name in table["signal"]]
+    return table.sort_values("weight", ascending=False, kind="stable").reset_index(drop=True)
 
 
 class AppError(DataInfError):

@@ -17,7 +17,6 @@ Two protocols:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -125,22 +124,23 @@ def combined_ranking(
 ) -> pd.Series:
     """The default review ranking: a weighted average of the signals' percentile ranks.
 
-    Each signal is turned into percentile ranks (so scales do not matter), and the ranks are
-    averaged with ``weights``. The default weights give the training loss half of the weight and
-    split the other half among the other signals (influence methods, ``*_cosine`` variants,
-    self-influence): the training loss was the strongest single signal in both regimes, and the
-    other signals add partly independent evidence. Measured with ``bench/bench_text_demo.py`` on
-    300-sample demos, seeds 1 and 2 (combined vs best single AUC): stopped at the best validation
-    loss 0.838 vs 0.775 and 0.791 vs 0.736; trained until it fit the flipped labels 0.654 vs
-    0.644 and 0.692 vs 0.711 (within 0.02, barely). On the 2,000-sample demo (seed 0, influence
-    on the classifier head) stopped at the best validation loss: 0.968 vs 0.965 (training loss);
-    trained until it fits the flipped labels (800 samples) 0.722 vs 0.741 (self-influence). A signal
-    missing from ``signals`` is skipped; NaN entries are skipped per sample.
+    Each signal is turned into percentile ranks (so scales do not matter) and the ranks are
+    averaged with ``weights``. A negative weight uses the signal upside down (rank ``1 - r``) with
+    the weight's magnitude, so the result stays a weighted average of ranks in (0, 1].
+
+    ``weights=None`` uses :func:`spectral_weights`: each signal weighted by how well it agrees
+    with the others, estimated from the signals alone, with the sign of a signal that ranks the
+    flipped labels upside down reversed. Which signal is best changes with the training regime
+    (measured on the text demo: the training loss when stopped at the best validation loss, the
+    unit-norm influence methods when trained until the flipped labels are fit, where DataInf and
+    Hessian-free invert), and no fixed weighting is near the best in both. The measured AUCs are
+    in BENCHMARKS.md and ``bench/bench_text_demo.py`` reproduces them. A signal missing from
+    ``signals`` is skipped; NaN entries are skipped per sample.
 
     Args:
         signals: ``train_index`` plus one numeric column per signal; a ``combined`` column is
             ignored.
-        weights: Signal name → non-negative weight; ``None`` uses the default rule above.
+        weights: Signal name → weight (negative = reversed, 0 = unused); ``None`` estimates them.
 
     Returns:
         Shape ``(n,)`` float Series aligned with ``signals``' index, named ``combined``; higher =
@@ -150,17 +150,22 @@ def combined_ranking(
     if not columns:
         raise ValueError("combined_ranking needs at least one signal column besides train_index")
     if weights is None:
-        weights = default_weights(columns)
+        weights = spectral_weights(signals)
     unknown = sorted(set(weights) - set(columns))
     if unknown:
         logger.debug("combined_ranking: weights for absent signals %s are skipped", unknown)
-    used = {name: float(w) for name, w in weights.items() if name in columns and w > 0}
+    used = {name: float(w) for name, w in weights.items() if name in columns and w != 0}
     if not used:
         raise ValueError(
-            f"combined_ranking weights select none of the signals {columns}; give one a weight > 0"
+            f"combined_ranking weights select none of the signals {columns}; give one a weight != 0"
         )
-    ranks = pd.DataFrame({name: _percentile_ranks(signals[name]) for name in used})
-    weight_row = pd.Series(used)
+    ranks = pd.DataFrame(
+        {
+            name: _percentile_ranks(signals[name] if w > 0 else -signals[name])
+            for name, w in used.items()
+        }
+    )
+    weight_row = pd.Series({name: abs(w) for name, w in used.items()})
     present = ranks.notna()
     total = (ranks.fillna(0.0) * weight_row).sum(axis=1)
     norm = (present * weight_row).sum(axis=1)
@@ -168,20 +173,105 @@ def combined_ranking(
     return combined.astype(np.float64)
 
 
-def default_weights(columns: Sequence[str]) -> dict[str, float]:
-    """Default weights of :func:`combined_ranking` for the given signal columns.
+def rank_one_offdiagonal(matrix: Any, *, iterations: int = 5000, tol: float = 1e-12) -> np.ndarray:
+    """The vector ``v`` whose outer product ``v vᵀ`` best fits ``matrix`` off its diagonal.
 
-    The training loss gets 0.5 and the remaining signals share 0.5 equally; without a training
-    loss, all signals share equally.
+    The diagonal is unknown (it holds each signal's own variance, not the shared part), so it is
+    refilled with ``v_i²`` and the leading eigenpair recomputed until ``v`` settles.
+
+    Args:
+        matrix: Symmetric ``(m, m)`` array, ``m >= 3``.
+        iterations: Upper bound on refills.
+        tol: Stop when no entry of ``|v|`` moves by more than this.
+
+    Returns:
+        Shape ``(m,)`` float64; its overall sign is arbitrary.
     """
-    others = [c for c in columns if c not in (TRAIN_LOSS_COLUMN, COMBINED_COLUMN)]
-    if TRAIN_LOSS_COLUMN not in columns:
-        return dict.fromkeys(others, 1.0)
-    if not others:
-        return {TRAIN_LOSS_COLUMN: 1.0}
-    weights = {TRAIN_LOSS_COLUMN: 0.5}
-    weights.update(dict.fromkeys(others, 0.5 / len(others)))
-    return weights
+    work = np.array(matrix, dtype=np.float64, copy=True)
+    if work.ndim != 2 or work.shape[0] != work.shape[1] or work.shape[0] < 3:
+        raise ValueError(f"need a square matrix of at least 3 x 3, got shape {work.shape}")
+    np.fill_diagonal(work, 0.0)  # start from the off-diagonal part alone
+    v = np.zeros(work.shape[0])
+    for _ in range(iterations):
+        values, vectors = np.linalg.eigh(work)
+        new = np.sqrt(max(values[-1], 0.0)) * vectors[:, -1]
+        np.fill_diagonal(work, new**2)
+        moved = float(np.max(np.abs(np.abs(new) - np.abs(v))))
+        v = new
+        if moved < tol:
+            break
+    return v
+
+
+def spectral_weights(signals: pd.DataFrame, *, anchor: str = TRAIN_LOSS_COLUMN) -> dict[str, float]:
+    """Signed weights of :func:`combined_ranking`, estimated from the signals alone (no truth).
+
+    If the signals were independent of one another given the hidden truth (flipped or not), the
+    covariance of two signals' percentile ranks would be ``ρ(1 - ρ) Δ_i Δ_j``, with ``ρ`` the share
+    of flipped labels and ``Δ_i = AUC_i - 1/2``: a rank-one matrix off the diagonal. Its leading
+    vector therefore estimates every signal's ``Δ_i`` up to one common factor, its sign included
+    (the unsupervised ensemble of Parisi et al., PNAS 2014, and SUMMA, Ahsen et al., JMLR 2019).
+    The weights are that vector, scaled so that their magnitudes sum to one. The common sign is
+    fixed by ``anchor`` (the training loss, which does not rank flipped labels upside down: at
+    worst it falls to chance when every label is memorised), else by the majority.
+
+    Signals computed from the same gradients are far from independent. A pair more than 0.95
+    rank-correlated is one signal with two names to this estimate: they are averaged before the
+    fit and share its weight. With fewer than three distinct signals nothing can be estimated and
+    every signal gets the same weight.
+
+    Args:
+        signals: ``train_index`` plus one numeric column per signal (``combined`` is ignored).
+        anchor: Signal whose weight is made positive when present.
+
+    Returns:
+        Signal name → weight; negative weights reverse the signal; magnitudes sum to one.
+    """
+    columns = [c for c in signal_columns(signals) if c != COMBINED_COLUMN]
+    if not columns:
+        raise ValueError("spectral_weights needs at least one signal column besides train_index")
+    ranks = pd.DataFrame({c: _percentile_ranks(signals[c]) for c in columns}).fillna(0.5)
+    groups = _correlated_groups(ranks, threshold=DUPLICATE_CORRELATION)
+    if len(groups) < 3:
+        return dict.fromkeys(columns, 1.0 / len(columns))
+    merged = np.column_stack([ranks[list(group)].mean(axis=1).to_numpy() for group in groups])
+    centred = merged - merged.mean(axis=0)
+    v = rank_one_offdiagonal(centred.T @ centred / len(centred))
+    weights: dict[str, float] = {}
+    for group, value in zip(groups, v, strict=True):
+        weights.update(dict.fromkeys(group, float(value) / len(group)))
+    if anchor in weights and weights[anchor] != 0:
+        sign = np.sign(weights[anchor])
+    else:
+        sign = np.sign(sum(weights.values())) or 1.0
+    total = sum(abs(w) for w in weights.values())
+    if total == 0:
+        return dict.fromkeys(columns, 1.0 / len(columns))
+    return {name: float(sign * w / total) for name, w in weights.items()}
+
+
+DUPLICATE_CORRELATION = 0.95
+
+
+def _correlated_groups(ranks: pd.DataFrame, *, threshold: float) -> list[tuple[str, ...]]:
+    """Columns joined (transitively) when their rank correlation exceeds ``threshold``."""
+    columns = list(ranks.columns)
+    corr = np.nan_to_num(np.corrcoef(ranks.to_numpy().T), nan=0.0) if len(columns) > 1 else None
+    group_of = list(range(len(columns)))
+
+    def find(i: int) -> int:
+        while group_of[i] != i:
+            i = group_of[i]
+        return i
+
+    for i in range(len(columns)):
+        for j in range(i + 1, len(columns)):
+            if corr is not None and corr[i, j] > threshold:
+                group_of[find(j)] = find(i)
+    groups: dict[int, list[str]] = {}
+    for i, name in enumerate(columns):
+        groups.setdefault(find(i), []).append(name)
+    return [tuple(names) for names in groups.values()]
 
 
 def identification_metrics(
@@ -277,7 +367,8 @@ def evaluate_signals(
         category_column: Column holding each sample's category, for identification.
 
     Returns:
-        A JSON-serialisable dict: ``n_train``, ``signals`` (names), and where possible
+        A JSON-serialisable dict: ``n_train``, ``signals`` (names), ``combined_weights`` (the
+        weights :func:`spectral_weights` estimates, negative = reversed), and where possible
         ``noise_rate``, ``detection_auc`` (signal → AUC), ``best_single`` (name, AUC),
         ``combined_gap`` (best single AUC − combined AUC), ``detection_curve`` (signal → 21
         points), ``rank_correlation`` (nested dict) and ``identification`` (method → metrics).
@@ -287,6 +378,11 @@ def evaluate_signals(
         table[COMBINED_COLUMN] = combined_ranking(table)
     names = signal_columns(table)
     result: dict[str, Any] = {"n_train": len(table), "signals": names}
+    if [name for name in names if name != COMBINED_COLUMN]:
+        result["combined_weights"] = {
+            name: round(weight, 4)
+            for name, weight in spectral_weights(table.drop(columns=[COMBINED_COLUMN])).items()
+        }
     if names and len(table) > 1:
         corr = rank_correlation(table)
         result["rank_correlation"] = {

@@ -761,23 +761,16 @@ def _execute(
     status.begin("evaluate", 1)
     signals["combined"] = evaluate.combined_ranking(signals).to_numpy()
     write_parquet(folder / "signals.parquet", signals)
-    category = project.data.category_column
-    has_truth = "is_noisy" in loaded.train_df.columns
-    has_categories = (
-        per_query is not None
-        and category is not None
-        and category in loaded.train_df.columns
-        and category in loaded.validation_df.columns
+    # Always written: the signals' agreement and the combined ranking's weights need no truth;
+    # detection and identification are added where the truth is known.
+    evaluation = evaluate.evaluate_signals(
+        signals,
+        loaded.train_df,
+        per_query=per_query,
+        validation_df=loaded.validation_df,
+        category_column=project.data.category_column,
     )
-    if has_truth or has_categories:
-        evaluation = evaluate.evaluate_signals(
-            signals,
-            loaded.train_df,
-            per_query=per_query,
-            validation_df=loaded.validation_df,
-            category_column=category,
-        )
-        write_json(folder / "evaluation.json", evaluation)
+    write_json(folder / "evaluation.json", evaluation)
     status.update(1, 1)
     status.end_stage()
     write_json(folder / "timings.json", status.timings)

@@ -154,6 +154,18 @@ def test_queue_overlay_matches_a_plain_loop():
         assert row.suggested == appstate.suggest_label(row.label, labels)
 
 
+def test_weights_table_orders_and_marks_reversed_signals():
+    table = appstate.weights_table(
+        {"train_loss": 0.3, "datainf": -0.5, "lissa": 0.2}, {"train_loss": 0.7, "datainf": 0.3}
+    )
+    assert table["signal"].tolist() == ["datainf", "train_loss", "lissa"]
+    assert table["weight"].tolist() == [0.5, 0.3, 0.2]
+    assert table["use"].tolist() == ["reversed", "as is", "as is"]
+    assert table["measured AUC"].iloc[:2].tolist() == [0.3, 0.7]
+    assert np.isnan(table["measured AUC"].iloc[2])
+    assert "measured AUC" not in appstate.weights_table({"a": 1.0}).columns
+
+
 def test_cursor_and_selection():
     order = [5, 3, 9]
     assert appstate.step_cursor(order, 3, 1) == 9
@@ -288,6 +300,10 @@ def test_pages_with_tiny_project(monkeypatch, tiny):
     assert at.selectbox(key="explorer_run").value == run_id
     assert any("Positive = harmful" in i.value for i in at.info)  # the sign is explained
     assert len(at.tabs) == 2
+    at.switch_page("pages/evaluate.py").run()
+    assert any("weighs the signals" in m.value for m in at.markdown)
+    weights = runs.load_evaluation(project, run_id)["combined_weights"]
+    assert set(weights) == {"datainf", "hessian_free", "self_influence", "train_loss"}
 
 
 def test_pages_with_generation_project_and_no_run(monkeypatch, tmp_path):
