@@ -67,6 +67,7 @@ def _gradients_image(project: Any) -> tuple[dict, dict, np.ndarray, np.ndarray]:
         noise_scheduler=bundle.noise_scheduler,
         vae=bundle.vae,
         timesteps=tuple(diffusion.default_timesteps(bundle.noise_scheduler)),
+        noise=project.influence.diffusion_noise,
     )
     train_df = data.load_split(project, "train")
     test_df = data.load_split(project, "validation")

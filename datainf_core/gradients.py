@@ -71,18 +71,29 @@ class DiffusionLossSettings:
         timesteps: The fixed timesteps at which the loss is evaluated (the paper used six from 25
             to 925).
         reduction: ``"sum"`` or ``"mean"`` of the per-timestep losses.
+        noise: ``"shared"``: every sample is noised with the same draws (seeded by
+            ``noise_seed``), so two samples' gradients differ only through their images and
+            captions; ``"per_sample"``: each sample's own draws (seeded by its ``seed``).
+        noise_seed: Seed of the shared draws.
     """
 
     noise_scheduler: Any
     vae: Any = None
     timesteps: tuple[int, ...] = field(default=DEFAULT_TIMESTEPS)
     reduction: str = "sum"
+    noise: str = "shared"
+    noise_seed: int = 0
 
     def __post_init__(self) -> None:
         self.timesteps = tuple(int(t) for t in self.timesteps)
         if self.reduction not in ("sum", "mean"):
             raise GradientSettingsError(
                 f"diffusion reduction should be 'sum' or 'mean', got {self.reduction!r}; "
+                "pass one of those"
+            )
+        if self.noise not in ("shared", "per_sample"):
+            raise GradientSettingsError(
+                f"diffusion noise should be 'shared' or 'per_sample', got {self.noise!r}; "
                 "pass one of those"
             )
         if not self.timesteps:
@@ -107,6 +118,8 @@ class DiffusionLossSettings:
             "vae": None if self.vae is None else type(self.vae).__name__,
             "timesteps": list(self.timesteps),
             "reduction": self.reduction,
+            "noise": self.noise,
+            "noise_seed": self.noise_seed if self.noise == "shared" else None,
         }
 
 
@@ -253,9 +266,16 @@ def _diffusion_loss_terms(
         else:
             latents = pixels.to(compute)  # batch_size x C x h x w
     count = len(settings.timesteps)
-    noise = torch.stack(
-        [_sample_noise(int(seed), latents.shape[1:], count) for seed in batch["seed"]], dim=1
-    ).to(device=device, dtype=compute)  # timesteps x batch_size x C x h x w
+    if settings.noise == "shared":  # the same draws for every sample
+        shared = _sample_noise(
+            settings.noise_seed, latents.shape[1:], count
+        )  # timesteps x C x h x w
+        noise = shared[:, None].expand(-1, latents.shape[0], *([-1] * (latents.dim() - 1)))
+    else:
+        noise = torch.stack(
+            [_sample_noise(int(seed), latents.shape[1:], count) for seed in batch["seed"]], dim=1
+        )
+    noise = noise.to(device=device, dtype=compute)  # timesteps x batch_size x C x h x w
     scheduler = settings.noise_scheduler
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     weight = 1.0 / count if settings.reduction == "mean" else 1.0

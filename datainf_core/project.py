@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 TASKS = ("classification", "generation", "text-to-image")
 DTYPES = ("float32", "float16", "bfloat16")
 LOSS_TOKENS = ("prompt", "response", "all")
+DIFFUSION_NOISE = ("shared", "per_sample")
 PROJECT_FILE = "project.toml"
 
 # Columns each task needs (the DataSettings field names).
@@ -82,6 +83,7 @@ class InfluenceSettings:
     loss_tokens: str = "response"
     include: list[str] | None = None
     batch_size: int = 16
+    diffusion_noise: str = "shared"
 
 
 # The TOML type each field accepts: "str", "bool", "int", "list[str]" ("?" = may be omitted).
@@ -108,7 +110,12 @@ _TYPES: dict[str, dict[str, str]] = {
         "labels": "list[label]?",
         "max_length": "int",
     },
-    "influence": {"loss_tokens": "str", "include": "list[str]?", "batch_size": "int"},
+    "influence": {
+        "loss_tokens": "str",
+        "include": "list[str]?",
+        "batch_size": "int",
+        "diffusion_noise": "str",
+    },
 }
 _TABLE_CLASSES: dict[str, type] = {
     "model": ModelSettings,
@@ -304,6 +311,11 @@ class Project:
             raise ProjectError(
                 f"project.toml: [influence] loss_tokens {self.influence.loss_tokens!r} is not "
                 f"valid; use one of {', '.join(LOSS_TOKENS)}"
+            )
+        if self.influence.diffusion_noise not in DIFFUSION_NOISE:
+            raise ProjectError(
+                f"project.toml: [influence] diffusion_noise {self.influence.diffusion_noise!r} is "
+                f"not valid; use one of {', '.join(DIFFUSION_NOISE)}"
             )
         if self.influence.batch_size < 1:
             raise ProjectError(

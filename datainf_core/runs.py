@@ -392,6 +392,7 @@ def _load_inputs(project: Project, settings: RunSettings, loss_tokens: str) -> _
         loss = DiffusionLossSettings(
             noise_scheduler=bundle.noise_scheduler,
             vae=bundle.vae,
+            noise=project.influence.diffusion_noise,
             **({"timesteps": tuple(timesteps(bundle.noise_scheduler))} if timesteps else {}),
         )
         return _Loaded(

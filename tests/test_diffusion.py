@@ -202,7 +202,10 @@ def test_image_examples_and_fixed_loss_reproduce(tmp_path: Path, sd_folder: tupl
     assert examples[1]["seed"] == diffusion.sample_seed("img1.png")
     timesteps = diffusion.default_timesteps(bundle.noise_scheduler)
     assert timesteps == [25, 205, 385, 565, 745, 925]
-    settings = DiffusionLossSettings(noise_scheduler=bundle.noise_scheduler, vae=bundle.vae)
+    # Each sample's own noise, as diffusion.denoising_loss (validation during training) draws it.
+    settings = DiffusionLossSettings(
+        noise_scheduler=bundle.noise_scheduler, vae=bundle.vae, noise="per_sample"
+    )
     first = collect_gradients(bundle.unet, examples, task="text-to-image", diffusion=settings)
     second = collect_gradients(bundle.unet, examples, task="text-to-image", diffusion=settings)
     assert set(first) == {n for n, p in bundle.unet.named_parameters() if p.requires_grad}
@@ -293,3 +296,14 @@ def test_demo_layout_project_trains_and_loads(tmp_path: Path) -> None:
     examples = diffusion.build_image_examples(project, data.load_split(project, "train"), bundle)
     assert len(examples) == 6 and examples[0]["pixel_values"].shape == (1, 8, 8)
     assert examples[0]["encoder_hidden_states"].shape == (8, 384)
+
+    # The project's diffusion_noise reaches the run, and each setting keeps its own gradients.
+    from datainf_core import runs
+
+    scores = {}
+    for noise in ("shared", "per_sample"):
+        project.influence.diffusion_noise = noise
+        folder = runs.execute_run(project, runs.RunSettings(methods=["datainf"], device="cpu"))
+        scores[noise] = pd.read_parquet(folder / "scores.parquet")["score"].to_numpy()
+    assert len([p for p in (project.gradients_dir / "train").iterdir() if p.is_dir()]) == 2
+    assert not np.allclose(scores["shared"], scores["per_sample"])

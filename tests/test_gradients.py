@@ -304,6 +304,7 @@ def test_unet_batched_equals_loop(with_vae, reduction):
         vae=vae,
         timesteps=(25, 385, 925),
         reduction=reduction,
+        noise="per_sample",
     )
     size, channels = (16, 3) if with_vae else (8, 4)
     examples = image_examples(5, seed=2, size=size, channels=channels)
@@ -320,6 +321,31 @@ def test_unet_batched_equals_loop(with_vae, reduction):
         "to_v",
         "0",  # to_out.0
     }
+
+
+def test_unet_shared_noise_equals_loop_with_one_seed():
+    """Shared noise: the loop with every sample's seed set to noise_seed; same image, same row."""
+    from diffusers import DDPMScheduler
+
+    unet = tiny_unet(2)
+    settings = DiffusionLossSettings(
+        noise_scheduler=DDPMScheduler(num_train_timesteps=1000),
+        timesteps=(25, 565),
+        noise="shared",
+        noise_seed=7,
+    )
+    examples = image_examples(4, seed=4, size=8, channels=4)
+    examples.append({**examples[1], "seed": 999})  # sample 1 again, under another seed
+    grads, losses = collect_gradients_and_losses(
+        unet, examples, task="text-to-image", diffusion=settings, batch_size=3, device="cpu"
+    )
+    reseeded = [{**e, "seed": 7} for e in examples]
+    expected, expected_losses = reference_gradients(unet, reseeded, "text-to-image", settings)
+    assert_same_gradients(grads, expected)
+    torch.testing.assert_close(losses.double(), expected_losses.double(), rtol=1e-5, atol=1e-6)
+    for name, rows in grads.items():
+        torch.testing.assert_close(rows[4], rows[1], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+    assert settings.describe()["noise"] == "shared" and settings.describe()["noise_seed"] == 7
 
 
 def test_non_linear_adapter_falls_back_to_loop():
@@ -441,6 +467,8 @@ def test_diffusion_settings_validate():
         DiffusionLossSettings(noise_scheduler=scheduler, reduction="max")
     with pytest.raises(GradientSettingsError, match="outside"):
         DiffusionLossSettings(noise_scheduler=scheduler, timesteps=(25, 1000))
+    with pytest.raises(GradientSettingsError, match="'shared' or 'per_sample'"):
+        DiffusionLossSettings(noise_scheduler=scheduler, noise="fresh")
     assert DiffusionLossSettings(noise_scheduler=scheduler).timesteps == (
         25,
         205,

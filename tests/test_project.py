@@ -157,6 +157,10 @@ BAD_CASES = {
         GOOD + '\n[influence]\nloss_tokens = "middle"\n',
         r"loss_tokens 'middle' is not valid",
     ),
+    "bad diffusion noise": (
+        GOOD + '\n[influence]\ndiffusion_noise = "fresh"\n',
+        r"diffusion_noise 'fresh' is not valid; use one of shared, per_sample",
+    ),
     "batch size zero": (
         GOOD + "\n[influence]\nbatch_size = 0\n",
         r"batch_size must be at least 1, got 0",
