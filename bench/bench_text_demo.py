@@ -50,28 +50,61 @@ TOLERANCE = 0.02
 log = logging.getLogger("bench_text_demo")
 
 
+def spectral_weights(signals: pd.DataFrame) -> dict[str, float]:
+    """Weights from the signals' agreement alone (tried for the default; not used).
+
+    If signals erred independently given the truth, the covariance of two signals' percentile
+    ranks would be proportional to ``(AUC_i - 1/2)(AUC_j - 1/2)``: rank one off the diagonal,
+    so its leading vector estimates every signal's ``AUC - 1/2`` up to a common factor, its sign
+    included (Parisi et al., PNAS 2014; SUMMA, Ahsen et al., JMLR 2019). The diagonal is refilled
+    with the fit until it settles; the sign is fixed by the training loss. Signals computed from
+    the same gradients share their errors, which is where this fails on the demo.
+    """
+    columns = [c for c in evaluate.signal_columns(signals) if c != "combined"]
+    ranks = signals[columns].rank(pct=True).fillna(0.5).to_numpy()
+    centred = ranks - ranks.mean(axis=0)
+    work = centred.T @ centred / len(centred)
+    np.fill_diagonal(work, 0.0)
+    v = np.zeros(len(columns))
+    for _ in range(5000):
+        values, vectors = np.linalg.eigh(work)
+        new = np.sqrt(max(values[-1], 0.0)) * vectors[:, -1]
+        np.fill_diagonal(work, new**2)
+        settled = np.max(np.abs(np.abs(new) - np.abs(v))) < 1e-12
+        v = new
+        if settled:
+            break
+    anchor = columns.index("train_loss") if "train_loss" in columns else None
+    sign = np.sign(v[anchor]) if anchor is not None and v[anchor] != 0 else 1.0
+    return {c: float(sign * w / np.abs(v).sum()) for c, w in zip(columns, v, strict=True)}
+
+
 def candidate_rankings(signals: pd.DataFrame) -> dict[str, pd.Series]:
     """Combinations compared while choosing ``combined_ranking`` (plus the one in use)."""
     everything = [c for c in evaluate.signal_columns(signals) if c != "combined"]
-    others = [c for c in everything if c != "train_loss"]
-    out = {"combined (in use: spectral weights)": evaluate.combined_ranking(signals)}
+    unit_norm = [c for c in everything if c.endswith("_cosine")]
+    out = {"combined (in use)": evaluate.combined_ranking(signals)}
     out["rank mean: all signals"] = evaluate.combined_ranking(
         signals, weights=dict.fromkeys(everything, 1.0)
     )
-    if "train_loss" in everything and others:
-        # The previous default: half the weight on the training loss, the rest shared.
-        half = {"train_loss": 0.5, **dict.fromkeys(others, 0.5 / len(others))}
-        out["fixed: train_loss half, others share"] = evaluate.combined_ranking(
-            signals, weights=half
+    if unit_norm:
+        out["rank mean: unit-norm influence only"] = evaluate.combined_ranking(
+            signals, weights=dict.fromkeys(unit_norm, 1.0)
         )
-    weights = evaluate.spectral_weights(signals)
-    top = max(weights, key=lambda name: abs(weights[name]))
-    out[f"the one signal with the largest weight ({top})"] = evaluate.combined_ranking(
-        signals, weights={top: weights[top]}
-    )
+        out["rank mean: unit-norm influence + self + train_loss"] = evaluate.combined_ranking(
+            signals, weights=dict.fromkeys([*unit_norm, "self_influence", "train_loss"], 1.0)
+        )
     if "train_loss" in everything and "self_influence" in everything:
         out["rank mean: train_loss + self_influence"] = evaluate.combined_ranking(
             signals, weights={"train_loss": 1.0, "self_influence": 1.0}
+        )
+        others = [c for c in everything if c != "train_loss"]
+        out["fixed: train_loss half, others share (session 1)"] = evaluate.combined_ranking(
+            signals, weights={"train_loss": 0.5, **dict.fromkeys(others, 0.5 / len(others))}
+        )
+    if len(everything) >= 3:
+        out["spectral weights (agreement-estimated)"] = evaluate.combined_ranking(
+            signals, weights=spectral_weights(signals)
         )
     return out
 
@@ -115,10 +148,10 @@ def build(root: Path, *, size: int, seed: int, overfit: bool, rebuild: bool) -> 
 
 
 def run_signals(root: Path, methods: list[str]) -> tuple[pd.DataFrame, dict[str, Any], str]:
-    """Runs the influence methods on the demo (or reuses the latest finished run)."""
+    """Runs the influence methods on the demo (or reuses the latest run of the same methods)."""
     project = load_project(root)
     run_id = runs.latest_run(project)
-    if run_id is None:
+    if run_id is None or runs.load_settings(project, run_id).methods != list(methods):
         settings = runs.RunSettings(methods=list(methods), device="cpu")
         folder = runs.execute_run(project, settings)
         run_id = folder.name
@@ -138,11 +171,11 @@ def detection_table(signals: pd.DataFrame, truth: np.ndarray) -> dict[str, Any]:
         for name, values in candidate_rankings(signals).items()
     }
     best = max(singles, key=lambda name: singles[name])
-    combined = combos["combined (in use: spectral weights)"]
+    combined = combos["combined (in use)"]
     return {
         "single": singles,
         "combinations": combos,
-        "spectral_weights": {k: round(v, 4) for k, v in evaluate.spectral_weights(signals).items()},
+        "combined_weights": evaluate.combined_weights(evaluate.signal_columns(signals)),
         "best_single": best,
         "best_single_auc": singles[best],
         "combined_auc": combined,

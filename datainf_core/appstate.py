@@ -92,20 +92,23 @@ def loss_tokens_caption(settings: Mapping[str, Any]) -> str | None:
 
 
 SIGNAL_HELP: dict[str, str] = {
-    "combined": "weighted average of the percentile ranks of all signals, weighted (and reversed "
-    "where a signal ranks upside down) by their agreement, estimated without the truth; the "
-    "default ranking",
+    "combined": "average of the percentile ranks of the unit-norm influence signals (*_cosine) "
+    "and self-influence, which stayed near the best whether or not the model had memorised its "
+    "flipped labels; the default ranking",
     "self_influence": "how strongly a sample influences its own loss (high = unusual or mislabelled)",
     "train_loss": "the adapted model's loss on the sample with its given label",
 }
 
 
 WEIGHTS_EXPLANATION = (
-    "Each bar is the share a signal has in the *combined* ranking: how strongly it agrees with "
-    "the other signals, which estimates its AUC − ½ when signals err independently. A red bar is "
-    "used reversed: that signal agrees with the others upside down, as DataInf and Hessian-free "
-    "do once a model has memorised its flipped labels. Signals that rank almost identically "
-    "(rank correlation above 0.95) count as one and share their weight."
+    "The *combined* ranking averages the percentile ranks of the signals listed, in these "
+    "shares: the unit-norm (cosine) influence signals, which every run scores, and "
+    "self-influence. On the text demo (2 seeds) this average stayed within 0.011 of the best "
+    "single signal both when the model was stopped at its best validation loss and when it was "
+    "trained until it fit its flipped labels. In the second regime the training loss fell "
+    "0.04–0.06 behind, and plain DataInf and Hessian-free, whose scores grow with the gradient "
+    "norm, fell to chance or below. Where the truth is known, each signal's measured AUC is "
+    "beside it: trust what detects best on data like yours."
 )
 
 

@@ -17,6 +17,7 @@ Two protocols:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ INDEX_COLUMN = "train_index"
 COMBINED_COLUMN = "combined"
 TRAIN_LOSS_COLUMN = "train_loss"
 SELF_INFLUENCE_COLUMN = "self_influence"
+UNIT_NORM_SUFFIX = "_cosine"
 
 
 def _as_1d(values: Any, name: str) -> np.ndarray:
@@ -125,22 +127,15 @@ def combined_ranking(
     """The default review ranking: a weighted average of the signals' percentile ranks.
 
     Each signal is turned into percentile ranks (so scales do not matter) and the ranks are
-    averaged with ``weights``. A negative weight uses the signal upside down (rank ``1 - r``) with
-    the weight's magnitude, so the result stays a weighted average of ranks in (0, 1].
-
-    ``weights=None`` uses :func:`spectral_weights`: each signal weighted by how well it agrees
-    with the others, estimated from the signals alone, with the sign of a signal that ranks the
-    flipped labels upside down reversed. Which signal is best changes with the training regime
-    (measured on the text demo: the training loss when stopped at the best validation loss, the
-    unit-norm influence methods when trained until the flipped labels are fit, where DataInf and
-    Hessian-free invert), and no fixed weighting is near the best in both. The measured AUCs are
-    in BENCHMARKS.md and ``bench/bench_text_demo.py`` reproduces them. A signal missing from
-    ``signals`` is skipped; NaN entries are skipped per sample.
+    averaged with ``weights``. A negative weight uses the signal upside down (rank ``1 - r``)
+    with the weight's magnitude, so the result stays a weighted average of ranks in (0, 1].
+    ``weights=None`` uses :func:`combined_weights`. A signal missing from ``signals`` is
+    skipped; NaN entries are skipped per sample.
 
     Args:
         signals: ``train_index`` plus one numeric column per signal; a ``combined`` column is
             ignored.
-        weights: Signal name → weight (negative = reversed, 0 = unused); ``None`` estimates them.
+        weights: Signal name → weight (negative = reversed, 0 = unused); ``None`` = the default.
 
     Returns:
         Shape ``(n,)`` float Series aligned with ``signals``' index, named ``combined``; higher =
@@ -150,7 +145,7 @@ def combined_ranking(
     if not columns:
         raise ValueError("combined_ranking needs at least one signal column besides train_index")
     if weights is None:
-        weights = spectral_weights(signals)
+        weights = combined_weights(columns)
     unknown = sorted(set(weights) - set(columns))
     if unknown:
         logger.debug("combined_ranking: weights for absent signals %s are skipped", unknown)
@@ -173,105 +168,41 @@ def combined_ranking(
     return combined.astype(np.float64)
 
 
-def rank_one_offdiagonal(matrix: Any, *, iterations: int = 5000, tol: float = 1e-12) -> np.ndarray:
-    """The vector ``v`` whose outer product ``v vᵀ`` best fits ``matrix`` off its diagonal.
+def combined_weights(columns: Sequence[str]) -> dict[str, float]:
+    """The default weights of :func:`combined_ranking` for the signals a run has.
 
-    The diagonal is unknown (it holds each signal's own variance, not the shared part), so it is
-    refilled with ``v_i²`` and the leading eigenpair recomputed until ``v`` settles.
+    Every unit-norm influence signal (``*_cosine``; runs always score ``datainf_cosine`` and
+    ``hessian_free_cosine``, see :data:`datainf_core.runs.COMPANION_METHODS`) and self-influence
+    get equal shares. Without a unit-norm signal, the training loss and self-influence share
+    equally; without any of these, every signal does.
 
-    Args:
-        matrix: Symmetric ``(m, m)`` array, ``m >= 3``.
-        iterations: Upper bound on refills.
-        tol: Stop when no entry of ``|v|`` moves by more than this.
-
-    Returns:
-        Shape ``(m,)`` float64; its overall sign is arbitrary.
-    """
-    work = np.array(matrix, dtype=np.float64, copy=True)
-    if work.ndim != 2 or work.shape[0] != work.shape[1] or work.shape[0] < 3:
-        raise ValueError(f"need a square matrix of at least 3 x 3, got shape {work.shape}")
-    np.fill_diagonal(work, 0.0)  # start from the off-diagonal part alone
-    v = np.zeros(work.shape[0])
-    for _ in range(iterations):
-        values, vectors = np.linalg.eigh(work)
-        new = np.sqrt(max(values[-1], 0.0)) * vectors[:, -1]
-        np.fill_diagonal(work, new**2)
-        moved = float(np.max(np.abs(np.abs(new) - np.abs(v))))
-        v = new
-        if moved < tol:
-            break
-    return v
-
-
-def spectral_weights(signals: pd.DataFrame, *, anchor: str = TRAIN_LOSS_COLUMN) -> dict[str, float]:
-    """Signed weights of :func:`combined_ranking`, estimated from the signals alone (no truth).
-
-    If the signals were independent of one another given the hidden truth (flipped or not), the
-    covariance of two signals' percentile ranks would be ``ρ(1 - ρ) Δ_i Δ_j``, with ``ρ`` the share
-    of flipped labels and ``Δ_i = AUC_i - 1/2``: a rank-one matrix off the diagonal. Its leading
-    vector therefore estimates every signal's ``Δ_i`` up to one common factor, its sign included
-    (the unsupervised ensemble of Parisi et al., PNAS 2014, and SUMMA, Ahsen et al., JMLR 2019).
-    The weights are that vector, scaled so that their magnitudes sum to one. The common sign is
-    fixed by ``anchor`` (the training loss, which does not rank flipped labels upside down: at
-    worst it falls to chance when every label is memorised), else by the majority.
-
-    Signals computed from the same gradients are far from independent. A pair more than 0.95
-    rank-correlated is one signal with two names to this estimate: they are averaged before the
-    fit and share its weight. With fewer than three distinct signals nothing can be estimated and
-    every signal gets the same weight.
+    Why: which signal detects flipped labels best depends on how far the model was trained, and
+    only these stayed near the best in both regimes of the text demo (2 seeds each,
+    ``bench/bench_text_demo.py``, BENCHMARKS.md section 3a). Stopped at the best validation loss,
+    the training loss, self-influence and unit-norm DataInf were within 0.01 of one another;
+    trained until it fit the flipped labels, the training loss and self-influence fell 0.04-0.06
+    behind unit-norm DataInf, and plain DataInf and Hessian-free fell to chance or below (their
+    scores grow with the gradient norm, which shrinks once a flipped label is fit). Self-influence
+    adds a different kind of evidence (how unusual a sample is to the model, not how it moves the
+    validation loss), which kept the average closest to the best signal across the four runs.
+    Weights estimated from the signals' agreement (a spectral, SUMMA-style ensemble) were tried
+    and failed: signals computed from the same gradients share their errors.
 
     Args:
-        signals: ``train_index`` plus one numeric column per signal (``combined`` is ignored).
-        anchor: Signal whose weight is made positive when present.
+        columns: The signal names present (``combined`` is ignored).
 
     Returns:
-        Signal name → weight; negative weights reverse the signal; magnitudes sum to one.
+        Signal name → weight; the weights sum to one.
     """
-    columns = [c for c in signal_columns(signals) if c != COMBINED_COLUMN]
-    if not columns:
-        raise ValueError("spectral_weights needs at least one signal column besides train_index")
-    ranks = pd.DataFrame({c: _percentile_ranks(signals[c]) for c in columns}).fillna(0.5)
-    groups = _correlated_groups(ranks, threshold=DUPLICATE_CORRELATION)
-    if len(groups) < 3:
-        return dict.fromkeys(columns, 1.0 / len(columns))
-    merged = np.column_stack([ranks[list(group)].mean(axis=1).to_numpy() for group in groups])
-    centred = merged - merged.mean(axis=0)
-    v = rank_one_offdiagonal(centred.T @ centred / len(centred))
-    weights: dict[str, float] = {}
-    for group, value in zip(groups, v, strict=True):
-        weights.update(dict.fromkeys(group, float(value) / len(group)))
-    if anchor in weights and weights[anchor] != 0:
-        sign = np.sign(weights[anchor])
+    names = [c for c in columns if c != COMBINED_COLUMN]
+    if not names:
+        raise ValueError("combined_weights needs at least one signal name")
+    unit_norm = [c for c in names if c.endswith(UNIT_NORM_SUFFIX)]
+    if unit_norm:
+        chosen = unit_norm + [c for c in (SELF_INFLUENCE_COLUMN,) if c in names]
     else:
-        sign = np.sign(sum(weights.values())) or 1.0
-    total = sum(abs(w) for w in weights.values())
-    if total == 0:
-        return dict.fromkeys(columns, 1.0 / len(columns))
-    return {name: float(sign * w / total) for name, w in weights.items()}
-
-
-DUPLICATE_CORRELATION = 0.95
-
-
-def _correlated_groups(ranks: pd.DataFrame, *, threshold: float) -> list[tuple[str, ...]]:
-    """Columns joined (transitively) when their rank correlation exceeds ``threshold``."""
-    columns = list(ranks.columns)
-    corr = np.nan_to_num(np.corrcoef(ranks.to_numpy().T), nan=0.0) if len(columns) > 1 else None
-    group_of = list(range(len(columns)))
-
-    def find(i: int) -> int:
-        while group_of[i] != i:
-            i = group_of[i]
-        return i
-
-    for i in range(len(columns)):
-        for j in range(i + 1, len(columns)):
-            if corr is not None and corr[i, j] > threshold:
-                group_of[find(j)] = find(i)
-    groups: dict[int, list[str]] = {}
-    for i, name in enumerate(columns):
-        groups.setdefault(find(i), []).append(name)
-    return [tuple(names) for names in groups.values()]
+        chosen = [c for c in (TRAIN_LOSS_COLUMN, SELF_INFLUENCE_COLUMN) if c in names] or names
+    return dict.fromkeys(chosen, 1.0 / len(chosen))
 
 
 def identification_metrics(
@@ -368,7 +299,7 @@ def evaluate_signals(
 
     Returns:
         A JSON-serialisable dict: ``n_train``, ``signals`` (names), ``combined_weights`` (the
-        weights :func:`spectral_weights` estimates, negative = reversed), and where possible
+        default weights of :func:`combined_ranking` for these signals), and where possible
         ``noise_rate``, ``detection_auc`` (signal → AUC), ``best_single`` (name, AUC),
         ``combined_gap`` (best single AUC − combined AUC), ``detection_curve`` (signal → 21
         points), ``rank_correlation`` (nested dict) and ``identification`` (method → metrics).
@@ -380,8 +311,7 @@ def evaluate_signals(
     result: dict[str, Any] = {"n_train": len(table), "signals": names}
     if [name for name in names if name != COMBINED_COLUMN]:
         result["combined_weights"] = {
-            name: round(weight, 4)
-            for name, weight in spectral_weights(table.drop(columns=[COMBINED_COLUMN])).items()
+            name: round(weight, 4) for name, weight in combined_weights(names).items()
         }
     if names and len(table) > 1:
         corr = rank_correlation(table)

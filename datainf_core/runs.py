@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 KNOWN_METHODS = ("datainf", "exact", "lissa", "hessian_free")
 COSINE_SUFFIX = "_cosine"
+# Scored in every run (aggregate only, unless asked for as methods): the combined ranking's
+# inputs (evaluate.combined_weights). Both are closed-form; they cost what DataInf itself does.
+COMPANION_METHODS = ("datainf_cosine", "hessian_free_cosine")
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 CANCEL_FILE = "cancel"
@@ -83,7 +86,8 @@ class RunSettings:
 
     Attributes:
         methods: Influence methods (``influence.METHODS``), each optionally suffixed ``_cosine``
-            for the unit-norm variant.
+            for the unit-norm variant. :data:`COMPANION_METHODS` are scored as well (aggregate
+            scores only), as inputs of the combined ranking.
         per_query: Also compute the (queries x train) score matrix (``per_query.parquet``).
         damping: Damping λ passed to the engine (relative to the mean squared gradient norm).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
@@ -690,7 +694,8 @@ def _execute(
     rank = launch.rank_and_world()[0]
     signals = pd.DataFrame({"train_index": range(n)})
     score_frames, per_query_frames = [], []
-    for name in settings.methods:
+    companions = [c for c in COMPANION_METHODS if c not in settings.methods]
+    for name in [*settings.methods, *companions]:
         status.begin(f"scores: {name}", 1)
         scores = _compute_method(
             name,
@@ -701,7 +706,7 @@ def _execute(
             progress=status.callback(),
         )  # n
         matrix = None
-        if settings.per_query:
+        if settings.per_query and name in settings.methods:
             status.begin(f"per-query scores: {name}", 1)
             matrix = _compute_method(
                 name,

@@ -69,21 +69,16 @@ if corr:
     c1.plotly_chart(fig, key="evaluate_corr")
     c2.markdown(
         "1 = two signals rank the training samples in the same order, 0 = unrelated orders. "
-        "Signals that agree little but each detect well carry independent evidence, which is "
-        "what the *combined* ranking pools."
+        "Signals that agree little but each detect well carry independent evidence; signals that "
+        "agree almost perfectly are one signal under two names."
     )
 weights = (evaluation or {}).get("combined_weights")
 if weights:
-    st.markdown("**How the combined ranking weighs the signals** (estimated without the truth)")
-    c1, c2 = st.columns([3, 2])
+    st.markdown("**What the combined ranking averages** (the default order of the review queue)")
+    c1, c2 = st.columns([2, 3])
     table = appstate.weights_table(weights, (evaluation or {}).get("detection_auc"))
-    fig = px.bar(table, x="weight", y="signal", orientation="h", color="use",
-                 color_discrete_map={"as is": "#1f77b4", "reversed": "#d62728"})  # fmt: skip
-    fig.update_layout(height=60 + 28 * len(table), margin={"t": 20}, yaxis_title=None)
-    c1.plotly_chart(fig, key="evaluate_weights")
+    c1.dataframe(table.set_index("signal"), width="stretch")
     c2.markdown(appstate.WEIGHTS_EXPLANATION)
-    if "measured AUC" in table.columns:
-        c2.dataframe(table.set_index("signal"), width="stretch")
 identification = (evaluation or {}).get("identification")
 if identification:
     st.markdown("**Identification** (for each validation sample, are the most helpful training "

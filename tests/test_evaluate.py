@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from tolerances import ENGINE_ATOL, SPECTRAL_AUC_ATOL, SPECTRAL_RTOL
+from tolerances import ENGINE_ATOL
 
 from datainf_core import evaluate
 
@@ -93,95 +93,55 @@ def test_combined_ranking_weights_and_sign() -> None:
     # A negative weight reverses the signal: datainf upside down has pct ranks .25 1 .5 .75.
     reversed_ = evaluate.combined_ranking(signals, weights={"train_loss": 1, "datainf": -1})
     np.testing.assert_allclose(reversed_.to_numpy(), [0.25, 1.0, 0.625, 0.625])
-    # Two signals: nothing to estimate, equal weights.
-    assert evaluate.spectral_weights(signals) == {"train_loss": 0.5, "datainf": 0.5}
+    # The default weights: no unit-norm signal here, so the training loss alone.
+    assert evaluate.combined_weights(["train_loss", "datainf"]) == {"train_loss": 1.0}
     default = evaluate.combined_ranking(signals)
     assert default.name == "combined"
-    np.testing.assert_allclose(default.to_numpy(), even.to_numpy())
+    np.testing.assert_allclose(default.to_numpy(), only_loss.to_numpy())
     with pytest.raises(ValueError, match="weight != 0"):
         evaluate.combined_ranking(signals, weights={"absent": 1.0})
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rank_one_offdiagonal_recovers_the_vector(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    v = rng.normal(size=6)
-    matrix = np.outer(v, v)
-    np.fill_diagonal(matrix, v**2 + rng.uniform(0.5, 5.0, size=6))  # unknown extra variance
-    fitted = evaluate.rank_one_offdiagonal(matrix)
-    fitted *= np.sign(fitted[0]) * np.sign(v[0])
-    np.testing.assert_allclose(fitted, v, rtol=SPECTRAL_RTOL, atol=SPECTRAL_RTOL)
-    with pytest.raises(ValueError, match="3 x 3"):
-        evaluate.rank_one_offdiagonal(matrix[:2, :2])
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_spectral_weights_estimate_each_signals_auc(seed: int) -> None:
-    """Signals independent given the truth: weights ∝ AUC - 1/2, inverted signals reversed."""
-    rng = np.random.default_rng(seed)
-    n = 20_000
-    noisy = rng.random(n) < 0.2
-    strength = {"train_loss": 1.0, "self_influence": 0.6, "datainf": -0.5, "lissa": 0.2, "b": 1.4}
-    signals = pd.DataFrame({"train_index": np.arange(n)})
-    for name, a in strength.items():
-        signals[name] = a * noisy + rng.normal(size=n)
-    weights = evaluate.spectral_weights(signals)
-    assert sum(abs(w) for w in weights.values()) == pytest.approx(1.0)
-    rho = noisy.mean()
-    scale = sum(abs(evaluate.detection_auc(signals[c], noisy) - 0.5) for c in strength)
-    for name in strength:
-        delta = evaluate.detection_auc(signals[name], noisy) - 0.5
-        # Each weight times (sum of |AUC - 1/2|) is that signal's AUC - 1/2.
-        assert weights[name] * scale == pytest.approx(delta, abs=SPECTRAL_AUC_ATOL), name
-    assert weights["datainf"] < 0 < weights["lissa"]
-    combined = evaluate.detection_auc(evaluate.combined_ranking(signals), noisy)
-    best = max(evaluate.detection_auc(signals[c], noisy) for c in strength)
-    assert combined > best  # independent evidence adds up
-    assert 0 < rho < 1
-
-
-def test_spectral_weights_sign_follows_the_training_loss() -> None:
-    rng = np.random.default_rng(3)
-    n = 5000
-    noisy = rng.random(n) < 0.2
-    # Most signals inverted: the majority would flip the sign; the training loss anchors it.
-    signals = pd.DataFrame(
-        {
-            "train_loss": 1.0 * noisy + rng.normal(size=n),
-            "datainf": -1.0 * noisy + rng.normal(size=n),
-            "hessian_free": -0.8 * noisy + rng.normal(size=n),
-            "exact": -0.6 * noisy + rng.normal(size=n),
-        }
-    )
-    weights = evaluate.spectral_weights(signals)
-    assert weights["train_loss"] > 0
-    assert all(weights[c] < 0 for c in ("datainf", "hessian_free", "exact"))
-    combined = evaluate.detection_auc(evaluate.combined_ranking(signals), noisy)
-    assert combined > evaluate.detection_auc(signals["train_loss"], noisy)
-
-
-def test_spectral_weights_merge_near_duplicates() -> None:
-    rng = np.random.default_rng(4)
-    n = 5000
-    noisy = rng.random(n) < 0.2
-    base = -0.7 * noisy + rng.normal(size=n)
-    signals = pd.DataFrame(
-        {
-            "train_loss": 1.0 * noisy + rng.normal(size=n),
-            "datainf": base,
-            "hessian_free": base * 2.0 + 0.01 * rng.normal(size=n),  # the same ranking
-            "self_influence": 0.8 * noisy + rng.normal(size=n),
-        }
-    )
-    weights = evaluate.spectral_weights(signals)
-    assert weights["datainf"] == pytest.approx(weights["hessian_free"])
-    assert weights["datainf"] < 0
-    # Three distinct signals once the pair is merged: still estimable; two would not be.
-    assert evaluate.spectral_weights(signals.drop(columns=["self_influence"])) == {
-        "train_loss": 1 / 3,
-        "datainf": 1 / 3,
-        "hessian_free": 1 / 3,
+def test_combined_weights_prefer_unit_norm_signals() -> None:
+    everything = [
+        "datainf",
+        "datainf_cosine",
+        "hessian_free_cosine",
+        "self_influence",
+        "train_loss",
+    ]
+    assert evaluate.combined_weights([*everything, "combined"]) == {
+        "datainf_cosine": 1 / 3,
+        "hessian_free_cosine": 1 / 3,
+        "self_influence": 1 / 3,
     }
+    assert evaluate.combined_weights(["datainf_cosine", "train_loss"]) == {"datainf_cosine": 1.0}
+    assert evaluate.combined_weights(["datainf", "self_influence", "train_loss"]) == {
+        "train_loss": 0.5,
+        "self_influence": 0.5,
+    }
+    assert evaluate.combined_weights(["datainf", "lissa"]) == {"datainf": 0.5, "lissa": 0.5}
+    with pytest.raises(ValueError, match="at least one"):
+        evaluate.combined_weights(["combined"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_combined_ranking_matches_a_loop(seed: int) -> None:
+    """The default ranking: the mean of the chosen signals' percentile ranks, by a loop."""
+    rng = np.random.default_rng(seed)
+    n = 40
+    signals = pd.DataFrame({"train_index": np.arange(n)})
+    chosen = ("datainf_cosine", "hessian_free_cosine", "self_influence")
+    for name in ("datainf", *chosen, "train_loss"):
+        signals[name] = np.round(rng.normal(size=n), 1)  # rounding makes ties
+    expected = np.zeros(n)
+    for name in chosen:
+        values = signals[name].to_numpy()
+        for i in range(n):  # percentile rank with ties averaged: (#below + (#equal + 1) / 2) / n
+            below, equal = (values < values[i]).sum(), (values == values[i]).sum()
+            expected[i] += (below + (equal + 1) / 2) / n / len(chosen)
+    got = evaluate.combined_ranking(signals).to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ENGINE_ATOL)
 
 
 def test_combined_ranking_skips_nan_per_sample() -> None:

@@ -17,7 +17,7 @@ import torch
 from fixtures import make_tiny_classification_project, make_tiny_generation_project
 from tolerances import ENGINE_ATOL, ENGINE_RTOL
 
-from datainf_core import data, models, runs
+from datainf_core import data, evaluate, models, runs
 from datainf_core.errors import DataInfError
 from datainf_core.project import Project, load_project
 
@@ -38,6 +38,10 @@ def finished_run(cls_project: Project) -> str:
     return folder.name
 
 
+def evaluation_weights(project: Project, run_id: str) -> dict[str, float]:
+    return runs.load_evaluation(project, run_id)["combined_weights"]
+
+
 def test_run_folder_contents(cls_project: Project, finished_run: str) -> None:
     folder = cls_project.runs_dir / finished_run
     for name in ("settings.json", "status.json", "timings.json", "scores.parquet",
@@ -47,15 +51,24 @@ def test_run_folder_contents(cls_project: Project, finished_run: str) -> None:
     assert status["state"] == "done" and status["error"] is None
     scores = runs.load_scores(cls_project, finished_run)
     assert list(scores.columns) == ["train_index", "method", "score"]
-    assert len(scores) == 2 * 24
-    assert set(scores["method"]) == {"datainf", "hessian_free_cosine"}
+    # The companion datainf_cosine is scored too (aggregate only): the combined ranking's input.
+    assert len(scores) == 3 * 24
+    assert set(scores["method"]) == {"datainf", "hessian_free_cosine", "datainf_cosine"}
     per_query = runs.load_per_query(cls_project, finished_run)
     assert list(per_query.columns) == ["query_index", "train_index", "method", "score"]
     assert len(per_query) == 2 * 6 * 24
+    assert set(per_query["method"]) == {"datainf", "hessian_free_cosine"}
     signals = runs.load_signals(cls_project, finished_run)
     assert list(signals.columns) == [
-        "train_index", "datainf", "hessian_free_cosine", "self_influence", "train_loss", "combined",
+        "train_index", "datainf", "hessian_free_cosine", "datainf_cosine", "self_influence",
+        "train_loss", "combined",
     ]  # fmt: skip
+    np.testing.assert_allclose(
+        signals["combined"], evaluate.combined_ranking(signals.drop(columns=["combined"]))
+    )
+    assert evaluation_weights(cls_project, finished_run) == {
+        "datainf_cosine": 0.3333, "hessian_free_cosine": 0.3333, "self_influence": 0.3333
+    }  # fmt: skip
     assert signals["train_index"].tolist() == list(range(24))
     evaluation = runs.load_evaluation(cls_project, finished_run)
     assert set(evaluation["detection_auc"]) >= {"datainf", "train_loss", "combined"}
@@ -229,7 +242,10 @@ def test_background_worker(cls_project: Project) -> None:
         time.sleep(0.5)
     log = (cls_project.runs_dir / run_id / "worker.log").read_text()
     assert status["state"] == "done", (status, log[-2000:])
-    assert len(runs.load_scores(cls_project, run_id)) == 24
+    scores = runs.load_scores(cls_project, run_id)
+    assert scores.groupby("method").size().to_dict() == {
+        "hessian_free": 24, "datainf_cosine": 24, "hessian_free_cosine": 24
+    }  # fmt: skip
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
@@ -275,6 +291,8 @@ def test_text_to_image_run(tmp_path: Path) -> None:
     assert list(signals.columns) == [
         "train_index",
         "datainf",
+        "datainf_cosine",
+        "hessian_free_cosine",
         "self_influence",
         "train_loss",
         "combined",

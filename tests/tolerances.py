@@ -8,8 +8,3 @@ GRAD_RTOL = 1e-5
 GRAD_ATOL = 1e-6
 # Distributed vs single process.
 DIST_RTOL = 1e-5
-
-# Spectral (unsupervised) signal weights: the rank-one fit of an exact rank-one-off-diagonal
-# matrix, and the AUC each weight implies on 20,000 synthetic samples against the measured AUC.
-SPECTRAL_RTOL = 1e-6
-SPECTRAL_AUC_ATOL = 0.02
