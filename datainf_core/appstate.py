@@ -122,8 +122,8 @@ def weights_table(
         detection_auc: Signal → measured AUC, when the truth is known (adds a column).
 
     Returns:
-        Columns ``signal``, ``weight`` (magnitude), ``use`` ("as is" / "reversed") and, with
-        ``detection_auc``, ``measured AUC``.
+        Columns ``signal``, ``weight`` (magnitude), ``use`` ("as is" / "reversed"; only when
+        some weight is negative) and, with ``detection_auc``, ``measured AUC``.
     """
     table = pd.DataFrame(
         {
@@ -132,6 +132,8 @@ def weights_table(
             "use": ["reversed" if float(w) < 0 else "as is" for w in weights.values()],
         }
     )
+    if not (table["use"] == "reversed").any():
+        table = table.drop(columns=["use"])  # nothing reversed: the column says nothing
     if detection_auc:
         table["measured AUC"] = [detection_auc.get(name, float("nan")) for name in table["signal"]]
     return table.sort_values("weight", ascending=False, kind="stable").reset_index(drop=True)

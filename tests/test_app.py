@@ -163,7 +163,7 @@ def test_weights_table_orders_and_marks_reversed_signals():
     assert table["use"].tolist() == ["reversed", "as is", "as is"]
     assert table["measured AUC"].iloc[:2].tolist() == [0.3, 0.7]
     assert np.isnan(table["measured AUC"].iloc[2])
-    assert "measured AUC" not in appstate.weights_table({"a": 1.0}).columns
+    assert list(appstate.weights_table({"a": 0.5, "b": 0.5}).columns) == ["signal", "weight"]
 
 
 def test_cursor_and_selection():
