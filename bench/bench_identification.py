@@ -11,7 +11,8 @@ gives the mean over test samples, then mean ± std (and min..max) over seeds.
 
 Results go to bench/results/identification.json (merged with what is there: rerunning one task or
 seed keeps the others). Generation is measured with the prompt loss (the demo's default, the
-paper's setting) and the response loss.
+paper's setting) and the response loss; images with noise draws shared by every sample (the
+default) and, with ``--diffusion-noise shared per_sample``, with each sample's own draws.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _gradients_generation(
     return train, query, _categories(train_df, column), _categories(test_df, column)
 
 
-def _gradients_image(project: Any) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+def _gradients_image(project: Any, noise: str) -> tuple[dict, dict, np.ndarray, np.ndarray]:
     from datainf_core import data, diffusion, gradients
 
     bundle = diffusion.load_diffusion(project, device="cpu")
@@ -67,7 +68,7 @@ def _gradients_image(project: Any) -> tuple[dict, dict, np.ndarray, np.ndarray]:
         noise_scheduler=bundle.noise_scheduler,
         vae=bundle.vae,
         timesteps=tuple(diffusion.default_timesteps(bundle.noise_scheduler)),
-        noise=project.influence.diffusion_noise,
+        noise=noise,
     )
     train_df = data.load_split(project, "train")
     test_df = data.load_split(project, "validation")
@@ -188,6 +189,13 @@ def main() -> None:
     order = sorted(METHODS, key=lambda m: m == "lissa")
     parser.add_argument("--methods", nargs="+", default=order)
     parser.add_argument("--loss-tokens", nargs="+", default=["prompt", "response"])
+    parser.add_argument(
+        "--diffusion-noise",
+        nargs="+",
+        choices=["shared", "per_sample"],
+        default=["shared"],
+        help="image: noise draws shared by all samples (the default) and/or each sample's own",
+    )
     parser.add_argument("--train-per-class", type=int, help="smaller demo (default: the demo's)")
     parser.add_argument("--test-per-class", type=int, help="smaller demo (default: the demo's)")
     parser.add_argument("--epochs", type=int, help="LoRA epochs (default: the demo's)")
@@ -209,7 +217,13 @@ def main() -> None:
         for path in [args.out, *args.merge]:
             if path.exists():
                 for key, seeds in json.loads(path.read_text()).get("runs", {}).items():
-                    merged["runs"].setdefault(key, {}).update(seeds)
+                    for seed, run in seeds.items():  # methods of one seed from several files
+                        kept = merged["runs"].setdefault(key, {}).setdefault(seed, {})
+                        methods = {**kept.get("methods", {}), **run.get("methods", {})}
+                        built = max(kept.get("build_seconds", 0.0), run.get("build_seconds", 0.0))
+                        kept.update(
+                            run, methods=methods, build_seconds=built
+                        )  # a reused build ~0 s
         merged["table"] = summarise(merged)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(merged, indent=2))
@@ -229,13 +243,23 @@ def main() -> None:
     for task in args.task:
         for seed in args.seeds:
             project, build_seconds = build(task, seed, args.work, args)
-            settings = args.loss_tokens if task == "generation" else ["denoising"]
+            # Image settings: "denoising" = the project's noise (shared draws, the default);
+            # "denoising-per_sample" = each sample's own draws.
+            settings = (
+                args.loss_tokens
+                if task == "generation"
+                else [
+                    "denoising" if noise == "shared" else f"denoising-{noise}"
+                    for noise in args.diffusion_noise
+                ]
+            )
             for setting in settings:
                 began = time.perf_counter()
                 if task == "generation":
                     train, query, train_cat, query_cat = _gradients_generation(project, setting)
                 else:
-                    train, query, train_cat, query_cat = _gradients_image(project)
+                    noise = setting.split("-", 1)[1] if "-" in setting else "shared"
+                    train, query, train_cat, query_cat = _gradients_image(project, noise)
                 grad_seconds = time.perf_counter() - began
                 methods = score_all(train, query, train_cat, query_cat, args.methods)
                 del train, query
