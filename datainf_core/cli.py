@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--method",
         action="append",
-        help="datainf, exact, lissa or hessian_free, optionally with _cosine (repeatable)",
+        help="datainf, exact, lissa or hessian_free, optionally with _cosine (repeatable); "
+        "datainf_cosine and hessian_free_cosine are always scored too, for the combined ranking",
     )
     run.add_argument("--per-query", action="store_true", help="also score every validation query")
     run.add_argument("--damping", type=float, default=0.1)
