@@ -41,7 +41,9 @@ with st.form("run_settings"):
     cosine = c1.checkbox(
         "Also unit-norm (cosine) variants",
         value=False,
-        help="Normalises each gradient first, so a few samples with huge gradients do not dominate.",
+        help="Normalises each gradient first, so a few samples with huge gradients do not dominate. "
+        "The unit-norm DataInf and Hessian-free aggregate scores are computed in every run anyway: "
+        "they feed the default combined ranking; this adds the others and their per-sample scores.",
         key="run_cosine",
     )
     per_query = c2.checkbox(
