@@ -651,6 +651,20 @@ def _run_as_rank(
         raise
 
 
+def _fit_check(signals: pd.DataFrame, validation: Any) -> dict[str, Any] | None:
+    """evaluate.fit_check from the training losses and the validation store's losses, if both."""
+    from datainf_core import evaluate
+
+    losses = getattr(validation, "losses", None)  # stored with the validation gradients
+    if "train_loss" not in signals.columns or losses is None:
+        return None
+    try:
+        return evaluate.fit_check(signals["train_loss"].to_numpy(), losses.double().cpu().numpy())
+    except ValueError as error:  # e.g. a zero validation loss: no ratio to report
+        logger.warning("fit check skipped: %s", error)
+        return None
+
+
 def _write_settings(
     folder: Path, status: _StatusWriter, settings: RunSettings, project: Project
 ) -> str:
@@ -776,6 +790,9 @@ def _execute(
         validation_df=loaded.validation_df,
         category_column=project.data.category_column,
     )
+    fit = _fit_check(signals, grads["validation"])
+    if fit is not None:
+        evaluation["fit"] = fit
     write_json(folder / "evaluation.json", evaluation)
     status.update(1, 1)
     status.end_stage()

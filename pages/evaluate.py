@@ -30,6 +30,10 @@ if evaluation is None and signals is not None and "is_noisy" in train_df.columns
     except (DataInfError, ValueError) as exc:
         st.error(f"Cannot evaluate this run: {exc}")
 
+fit = (evaluation or {}).get("fit")
+if fit:  # needs no truth: says which signals to expect to work
+    (st.warning if fit.get("fits_training_better") else st.success)(appstate.fit_message(fit))
+
 if not evaluation or "detection_auc" not in evaluation:
     st.info(
         "Detection needs the truth: an `is_noisy` column in the train file (the built-in demos have "

@@ -166,6 +166,15 @@ def test_weights_table_orders_and_marks_reversed_signals():
     assert list(appstate.weights_table({"a": 0.5, "b": 0.5}).columns) == ["signal", "weight"]
 
 
+def test_fit_message_says_which_signals_to_expect():
+    memorised = {"train_loss_mean": 0.1, "validation_loss_mean": 0.4, "ratio": 0.25,
+                 "fits_training_better": True}  # fmt: skip
+    assert "ratio 0.25" in appstate.fit_message(memorised)
+    assert "memorised" in appstate.fit_message(memorised)
+    held = {**memorised, "ratio": 1.8, "fits_training_better": False}
+    assert "does not fit" in appstate.fit_message(held)
+
+
 def test_cursor_and_selection():
     order = [5, 3, 9]
     assert appstate.step_cursor(order, 3, 1) == 9
@@ -302,6 +311,8 @@ def test_pages_with_tiny_project(monkeypatch, tiny):
     assert len(at.tabs) == 2
     at.switch_page("pages/evaluate.py").run()
     assert any("What the combined ranking averages" in m.value for m in at.markdown)
+    fit_boxes = [b.value for b in [*at.warning, *at.success] if "Fit check" in b.value]
+    assert fit_boxes == [appstate.fit_message(runs.load_evaluation(project, run_id)["fit"])]
     weights = runs.load_evaluation(project, run_id)["combined_weights"]
     assert weights == {
         "datainf_cosine": 0.3333, "hessian_free_cosine": 0.3333, "self_influence": 0.3333

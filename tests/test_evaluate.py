@@ -144,6 +144,23 @@ def test_default_combined_ranking_matches_a_loop(seed: int) -> None:
     np.testing.assert_allclose(got, expected, rtol=0, atol=ENGINE_ATOL)
 
 
+def test_fit_check_hand_case_and_errors() -> None:
+    fit = evaluate.fit_check([0.2, 0.4], torch.tensor([0.6, 0.6, 0.6]))
+    assert fit == {
+        "train_loss_mean": 0.3,
+        "validation_loss_mean": 0.6,
+        "ratio": 0.5,
+        "fits_training_better": True,
+    }
+    assert evaluate.fit_check([0.9], [0.3])["fits_training_better"] is False
+    with pytest.raises(ValueError, match="non-empty and finite"):
+        evaluate.fit_check([], [0.3])
+    with pytest.raises(ValueError, match="non-empty and finite"):
+        evaluate.fit_check([0.1], [np.nan])
+    with pytest.raises(ValueError, match="positive"):
+        evaluate.fit_check([0.1], [0.0])
+
+
 def test_combined_ranking_skips_nan_per_sample() -> None:
     signals = pd.DataFrame({"train_loss": [0.1, 0.2, 0.3], "exact": [np.nan, 1.0, 0.0]})
     combined = evaluate.combined_ranking(signals, weights={"train_loss": 1, "exact": 1})

@@ -111,6 +111,14 @@ def test_run_scores_equal_engine_on_fresh_gradients(
     )
     losses = per_sample_losses(model, train, **common)
     np.testing.assert_allclose(signals["train_loss"], losses.double().numpy(), rtol=1e-5, atol=1e-6)
+    # The fit check: mean training loss over mean validation loss, from fresh losses.
+    fit = runs.load_evaluation(cls_project, finished_run)["fit"]
+    val_losses = per_sample_losses(model, query, **common).double().numpy()
+    train_mean, val_mean = losses.double().mean().item(), val_losses.mean()
+    assert fit["train_loss_mean"] == pytest.approx(train_mean, rel=1e-5)
+    assert fit["validation_loss_mean"] == pytest.approx(val_mean, rel=1e-5)
+    assert fit["ratio"] == pytest.approx(train_mean / val_mean, rel=1e-3)
+    assert fit["fits_training_better"] == (train_mean < val_mean)
 
 
 def test_second_run_reuses_gradient_store(cls_project: Project, finished_run: str) -> None:
