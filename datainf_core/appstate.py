@@ -139,22 +139,13 @@ def weights_table(
     """The combined ranking's weights for display, largest share first.
 
     Args:
-        weights: Signal → signed weight (``evaluation.json``'s ``combined_weights``).
+        weights: Signal → weight (``evaluation.json``'s ``combined_weights``).
         detection_auc: Signal → measured AUC, when the truth is known (adds a column).
 
     Returns:
-        Columns ``signal``, ``weight`` (magnitude), ``use`` ("as is" / "reversed"; only when
-        some weight is negative) and, with ``detection_auc``, ``measured AUC``.
+        Columns ``signal``, ``weight`` and, with ``detection_auc``, ``measured AUC``.
     """
-    table = pd.DataFrame(
-        {
-            "signal": list(weights),
-            "weight": [abs(float(w)) for w in weights.values()],
-            "use": ["reversed" if float(w) < 0 else "as is" for w in weights.values()],
-        }
-    )
-    if not (table["use"] == "reversed").any():
-        table = table.drop(columns=["use"])  # nothing reversed: the column says nothing
+    table = pd.DataFrame({"signal": list(weights), "weight": [float(w) for w in weights.values()]})
     if detection_auc:
         table["measured AUC"] = [detection_auc.get(name, float("nan")) for name in table["signal"]]
     return table.sort_values("weight", ascending=False, kind="stable").reset_index(drop=True)

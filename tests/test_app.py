@@ -154,13 +154,12 @@ def test_queue_overlay_matches_a_plain_loop():
         assert row.suggested == appstate.suggest_label(row.label, labels)
 
 
-def test_weights_table_orders_and_marks_reversed_signals():
+def test_weights_table_orders_signals_and_adds_measured_auc():
     table = appstate.weights_table(
-        {"train_loss": 0.3, "datainf": -0.5, "lissa": 0.2}, {"train_loss": 0.7, "datainf": 0.3}
+        {"train_loss": 0.3, "datainf": 0.5, "lissa": 0.2}, {"train_loss": 0.7, "datainf": 0.3}
     )
     assert table["signal"].tolist() == ["datainf", "train_loss", "lissa"]
     assert table["weight"].tolist() == [0.5, 0.3, 0.2]
-    assert table["use"].tolist() == ["reversed", "as is", "as is"]
     assert table["measured AUC"].iloc[:2].tolist() == [0.3, 0.7]
     assert np.isnan(table["measured AUC"].iloc[2])
     assert list(appstate.weights_table({"a": 0.5, "b": 0.5}).columns) == ["signal", "weight"]
