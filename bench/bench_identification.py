@@ -243,23 +243,22 @@ def main() -> None:
     for task in args.task:
         for seed in args.seeds:
             project, build_seconds = build(task, seed, args.work, args)
-            # Image settings: "denoising" = the project's noise (shared draws, the default);
-            # "denoising-per_sample" = each sample's own draws.
+            # (result key, loss tokens or diffusion noise): images are "denoising" with shared
+            # noise draws (the default) and "denoising-per_sample" with each sample's own.
             settings = (
-                args.loss_tokens
+                [(tokens, tokens) for tokens in args.loss_tokens]
                 if task == "generation"
                 else [
-                    "denoising" if noise == "shared" else f"denoising-{noise}"
+                    ("denoising" if noise == "shared" else f"denoising-{noise}", noise)
                     for noise in args.diffusion_noise
                 ]
             )
-            for setting in settings:
+            for setting, choice in settings:
                 began = time.perf_counter()
                 if task == "generation":
-                    train, query, train_cat, query_cat = _gradients_generation(project, setting)
+                    train, query, train_cat, query_cat = _gradients_generation(project, choice)
                 else:
-                    noise = setting.split("-", 1)[1] if "-" in setting else "shared"
-                    train, query, train_cat, query_cat = _gradients_image(project, noise)
+                    train, query, train_cat, query_cat = _gradients_image(project, choice)
                 grad_seconds = time.perf_counter() - began
                 methods = score_all(train, query, train_cat, query_cat, args.methods)
                 del train, query
