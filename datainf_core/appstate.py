@@ -112,27 +112,6 @@ WEIGHTS_EXPLANATION = (
 )
 
 
-def fit_message(fit: Mapping[str, Any]) -> str:
-    """One paragraph on ``evaluation.json``'s ``fit`` (see :func:`evaluate.fit_check`)."""
-    ratio = float(fit["ratio"])
-    head = (
-        f"Fit check: mean training loss {float(fit['train_loss_mean']):.3f}, mean validation "
-        f"loss {float(fit['validation_loss_mean']):.3f} (ratio {ratio:.2f})."
-    )
-    if fit.get("fits_training_better"):
-        return (
-            f"{head} The adapter fits its training samples better than held-out ones, so it may "
-            "have memorised wrong labels or answers: the training loss and self-influence lose "
-            "power, plain DataInf and Hessian-free can rank them upside down, and the unit-norm "
-            "(cosine) signals held up best on our demo."
-        )
-    return (
-        f"{head} The adapter does not fit its training samples better than held-out ones, so "
-        "wrong labels still stand out by their loss: on our demo every signal but LiSSA and Exact "
-        "detected them well."
-    )
-
-
 def weights_table(
     weights: Mapping[str, float], detection_auc: Mapping[str, float] | None = None
 ) -> pd.DataFrame:

@@ -195,7 +195,7 @@ def run_settings(args: argparse.Namespace) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from datainf_core import appstate, runs
+    from datainf_core import evaluate, runs
     from datainf_core.project import load_project
 
     project = load_project(args.dir)
@@ -221,7 +221,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         aucs = ", ".join(f"{k} {v:.3f}" for k, v in evaluation["detection_auc"].items())
         print(f"detection AUC (is_noisy known): {aucs}")
     if evaluation and evaluation.get("fit"):
-        print(appstate.fit_message(evaluation["fit"]))
+        print(evaluate.fit_message(evaluation["fit"]))
     if evaluation and evaluation.get("identification"):
         for method, metrics in evaluation["identification"].items():
             print(

@@ -17,7 +17,7 @@ Two protocols:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -312,6 +312,27 @@ def fit_check(train_losses: Any, validation_losses: Any) -> dict[str, Any]:
         "ratio": round(ratio, 4),
         "fits_training_better": bool(ratio < 1.0),
     }
+
+
+def fit_message(fit: Mapping[str, Any]) -> str:
+    """One paragraph on ``evaluation.json``'s ``fit`` (:func:`fit_check`) for the CLI and the app."""
+    ratio = float(fit["ratio"])
+    head = (
+        f"Fit check: mean training loss {float(fit['train_loss_mean']):.3f}, mean validation "
+        f"loss {float(fit['validation_loss_mean']):.3f} (ratio {ratio:.2f})."
+    )
+    if fit.get("fits_training_better"):
+        return (
+            f"{head} The adapter fits its training samples better than held-out ones, so it may "
+            "have memorised wrong labels or answers: the training loss and self-influence lose "
+            "power, plain DataInf and Hessian-free can rank them upside down, and the unit-norm "
+            "(cosine) signals held up best on our demo."
+        )
+    return (
+        f"{head} The adapter does not fit its training samples better than held-out ones, so "
+        "wrong labels still stand out by their loss: on our demo every signal but LiSSA and Exact "
+        "detected them well."
+    )
 
 
 def evaluate_signals(

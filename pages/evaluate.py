@@ -32,7 +32,9 @@ if evaluation is None and signals is not None and "is_noisy" in train_df.columns
 
 fit = (evaluation or {}).get("fit")
 if fit:  # needs no truth: says which signals to expect to work
-    (st.warning if fit.get("fits_training_better") else st.success)(appstate.fit_message(fit))
+    from datainf_core.evaluate import fit_message
+
+    (st.warning if fit.get("fits_training_better") else st.success)(fit_message(fit))
 
 if not evaluation or "detection_auc" not in evaluation:
     st.info(

@@ -13,7 +13,7 @@ import pytest
 from fixtures import make_tiny_classification_project, make_tiny_generation_project
 from streamlit.testing.v1 import AppTest
 
-from datainf_core import appstate, runs
+from datainf_core import appstate, evaluate, runs
 from datainf_core.review import ReviewStore
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -168,10 +168,10 @@ def test_weights_table_orders_signals_and_adds_measured_auc():
 def test_fit_message_says_which_signals_to_expect():
     memorised = {"train_loss_mean": 0.1, "validation_loss_mean": 0.4, "ratio": 0.25,
                  "fits_training_better": True}  # fmt: skip
-    assert "ratio 0.25" in appstate.fit_message(memorised)
-    assert "memorised" in appstate.fit_message(memorised)
+    assert "ratio 0.25" in evaluate.fit_message(memorised)
+    assert "memorised" in evaluate.fit_message(memorised)
     held = {**memorised, "ratio": 1.8, "fits_training_better": False}
-    assert "does not fit" in appstate.fit_message(held)
+    assert "does not fit" in evaluate.fit_message(held)
 
 
 def test_cursor_and_selection():
@@ -311,7 +311,7 @@ def test_pages_with_tiny_project(monkeypatch, tiny):
     at.switch_page("pages/evaluate.py").run()
     assert any("What the combined ranking averages" in m.value for m in at.markdown)
     fit_boxes = [b.value for b in [*at.warning, *at.success] if "Fit check" in b.value]
-    assert fit_boxes == [appstate.fit_message(runs.load_evaluation(project, run_id)["fit"])]
+    assert fit_boxes == [evaluate.fit_message(runs.load_evaluation(project, run_id)["fit"])]
     weights = runs.load_evaluation(project, run_id)["combined_weights"]
     assert weights == {
         "datainf_cosine": 0.3333, "hessian_free_cosine": 0.3333, "self_influence": 0.3333
